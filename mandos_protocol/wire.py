@@ -1,0 +1,66 @@
+"""The Mandos wire protocol, version 1, apart from TLS itself.
+
+A client connects over TCP, sends the protocol line ``b"1\\r\\n"`` and then speaks TLS 1.3 in the
+*server* role, presenting an RFC 7250 raw public key.  The Mandos server, as TLS client, reads the
+peer's DER SubjectPublicKeyInfo, turns it into a key id and sends the client's blob (or nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from mandos_protocol.errors import ProtocolError
+
+#: What a client sends before the TLS handshake.
+PROTOCOL_LINE = b"1\r\n"
+
+#: Protocol versions a server accepts, as upstream's server does.
+ACCEPTED_VERSIONS = frozenset({0, 1})
+
+#: Upstream's default GnuTLS priority for raw public keys (GnuTLS >= 3.6.6), on both ends.
+DEFAULT_PRIORITY = (
+    "SECURE128:!CTYPE-X.509:+CTYPE-RAWPK:!RSA:!VERS-ALL:+VERS-TLS1.3:%PROFILE_ULTRA"
+)
+
+#: A protocol line longer than this is garbage; upstream reads one text line, we bound it.
+MAX_PROTOCOL_LINE = 64
+
+#: SHA-256 of nothing: upstream never matches a client on this key id, nor do we.
+EMPTY_KEY_ID = hashlib.sha256(b"").hexdigest().upper()
+
+
+def parse_protocol_line(line: bytes) -> int:
+    """Return the protocol version of a client's first line, as upstream reads it.
+
+    Upstream takes ``int(line.split()[0])`` and accepts versions 0 and 1; anything else makes it
+    close the connection without a word.
+    """
+    fields = line.split()
+    if not fields:
+        raise ProtocolError("empty protocol line")
+    try:
+        version = int(fields[0])
+    except ValueError:
+        raise ProtocolError(f"unknown protocol version {fields[0][:16]!r}") from None
+    if version not in ACCEPTED_VERSIONS:
+        raise ProtocolError(f"unknown protocol version {version}")
+    return version
+
+
+def key_id(spki_der: bytes) -> str:
+    """The key id of a raw public key: upper-case hex SHA-256 of its DER SubjectPublicKeyInfo.
+
+    This is what upstream's server computes with ``gnutls_pubkey_get_key_id(...SHA256)`` and what
+    ``mandos-keygen`` prints as ``key_id``.
+    """
+    return hashlib.sha256(spki_der).hexdigest().upper()
+
+
+def normalize_key_id(text: str) -> str:
+    """A configured key id or fingerprint as upstream compares it: upper case, spaces removed."""
+    return text.upper().replace(" ", "")
+
+
+def key_ids_equal(a: str, b: str) -> bool:
+    """Whether two key ids (or fingerprints) name the same key, ignoring case and spaces."""
+    return normalize_key_id(a) == normalize_key_id(b)
