@@ -1,0 +1,7 @@
+"""``python -m password_agent``: the same as ``mandos-password-agent``."""
+
+import sys
+
+from password_agent.cli import main
+
+sys.exit(main())

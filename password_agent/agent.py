@@ -1,0 +1,220 @@
+"""The agent's run: while requests are pending, fetch, decrypt, answer; back off while the
+network or the server is not there yet; exit when nothing is left.
+
+A simple blocking loop: every wait is a poll on the inotify descriptor with a deadline, so the
+agent sleeps between attempts, notices at once when the last request goes away, and starts
+fast in the initramfs (no threads, no asyncio).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mandos_protocol.errors import ProtocolError
+from mandos_protocol.gnutls import Credentials, Priority
+from password_agent.answered import AnsweredRecord
+from password_agent.asks import socket_problem
+from password_agent.decrypt import decrypt_blob
+from password_agent.errors import AgentError
+from password_agent.fetch import CONNECT_TIMEOUT, TLS_TIMEOUT, fetch_blob
+from password_agent.reply import send_password
+from password_agent.rundir import private_directory
+from password_agent.servers import Server, find_servers, wait_for_interface
+from password_agent.watch import RequestWatcher
+
+log = logging.getLogger(__name__)
+
+#: First pause after a round in which no server answered; doubled up to ``--retry``.
+FIRST_BACKOFF = 0.5
+#: How long one Zeroconf browse listens for announcements.
+BROWSE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """The four files of a Mandos client key set, as upstream's keygen writes them."""
+
+    pubkey: Path
+    seckey: Path
+    tls_pubkey: Path
+    tls_privkey: Path
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> KeyFiles:
+        return cls(directory / "pubkey.txt", directory / "seckey.txt",
+                   directory / "tls-pubkey.pem", directory / "tls-privkey.pem")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything a run needs, from the command line and the kernel command line."""
+
+    agent_directory: Path
+    keys: KeyFiles
+    run_directory: Path
+    connect: list[Server] = field(default_factory=list)
+    priority: str | None = None
+    interface: str | None = None
+    retry: float = 3.0
+    delay: float = 2.5
+    timeout: float | None = None
+    all_requests: bool = False
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (removing the GnuPG home on the way) and exit cleanly."""
+
+
+class _Deadline:
+    """The end of ``--timeout``, if any, in monotonic seconds."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def left(self, default: float) -> float:
+        """Seconds left, at most ``default``."""
+        return default if self.at is None else max(0.0, min(default, self.at - time.monotonic()))
+
+    @property
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
+class Agent:
+    """One run of the password agent over one agent directory."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._credentials: Credentials | None = None
+        self._priority: Priority | None = None
+        self._record: AnsweredRecord | None = None
+        self._run_directory: Path | None = None
+
+    def _prepare(self) -> None:
+        """Load what fetching and answering need, once, when the first request is pending:
+        key problems are reported at once, and an idle start costs nothing."""
+        if self._credentials is not None:
+            return
+        keys = self.config.keys
+        for path in (keys.pubkey, keys.seckey):
+            if not path.is_file():
+                raise AgentError(f"OpenPGP key file {path} is missing; check --pubkey/--seckey "
+                                 "or --keydir")
+        try:
+            self._priority = Priority(self.config.priority) if self.config.priority else Priority()
+            self._credentials = Credentials.raw_public_key_files(keys.tls_pubkey,
+                                                                 keys.tls_privkey)
+        except ProtocolError as error:
+            raise AgentError(f"{error}; check --tls-pubkey/--tls-privkey/--priority") from None
+        try:
+            self._run_directory = private_directory(self.config.run_directory)
+        except AgentError as error:
+            log.warning("%s; answers are remembered only until exit", error)
+        self._record = AnsweredRecord(
+            None if self._run_directory is None else self._run_directory / "answered")
+        if self.config.interface and not self.config.connect:
+            wait_for_interface(self.config.interface, self.config.delay)
+
+    def run(self) -> int:
+        """Answer pending requests until none is left; the process exit status."""
+        deadline = _Deadline(self.config.timeout)
+        with RequestWatcher(self.config.agent_directory,
+                            all_requests=self.config.all_requests) as watcher:
+            backoff = FIRST_BACKOFF
+            while True:
+                watcher.poll()
+                if not watcher.pending:
+                    watcher.wait_until_idle(deadline.at)
+                    if watcher.pending:
+                        continue
+                    if watcher.idle:
+                        log.info("no request left; exiting")
+                    else:
+                        log.info("--timeout reached; no request left to answer")
+                    return 0
+                if deadline.passed:
+                    raise AgentError(f"--timeout of {self.config.timeout:g} s reached with "
+                                     f"{len(watcher.pending)} request(s) unanswered; no "
+                                     "Mandos server sent a usable password")
+                self._prepare()
+                password = self._fetch_password(watcher, deadline)
+                if password is None:
+                    watcher.wait_while_pending(deadline.left(backoff))
+                    backoff = min(backoff * 2, self.config.retry)
+                    continue
+                try:
+                    watcher.poll()
+                    self._answer(watcher, password)
+                finally:
+                    password[:] = bytes(len(password))
+                backoff = FIRST_BACKOFF
+
+    def _fetch_password(self, watcher: RequestWatcher, deadline: _Deadline
+                        ) -> bytearray | None:
+        """One round over the servers; the first password decrypted, or None."""
+        assert self._credentials is not None and self._priority is not None
+        try:
+            servers = find_servers(self.config.connect, self.config.interface,
+                                   deadline.left(BROWSE_SECONDS))
+        except ImportError:
+            raise AgentError("no --connect given and python-zeroconf is not installed; give "
+                             "--connect ADDRESS:PORT or install zeroconf") from None
+        except Exception as error:  # a network hiccup must not end the agent
+            log.warning("Zeroconf browsing failed: %s", error)
+            return None
+        for server in servers:
+            watcher.poll()
+            if not watcher.pending or deadline.passed:
+                return None
+            try:
+                blob = fetch_blob(server, self._credentials, self._priority,
+                                  connect_timeout=deadline.left(CONNECT_TIMEOUT),
+                                  tls_timeout=deadline.left(TLS_TIMEOUT))
+            except AgentError as error:
+                log.info("%s", error)
+                continue
+            if not blob:
+                log.info("%s refused: it sent nothing (unknown key, disabled, or not "
+                         "approved)", server)
+                continue
+            log.info("%s sent %d bytes", server, len(blob))
+            try:
+                return decrypt_blob(blob, self.config.keys.pubkey, self.config.keys.seckey,
+                                    self._run_directory)
+            except AgentError as error:
+                log.warning("%s: %s", server, error)
+        return None
+
+    def _answer(self, watcher: RequestWatcher, password: bytearray) -> None:
+        """Send ``password`` to every pending request it was not already sent to.
+
+        Requests pending together with the same Id all get it; a request whose Id got this
+        password before (a wrong password, asked again) is left to the human."""
+        assert self._record is not None
+        record = self._record
+        fresh = []
+        for path, request in list(watcher.pending.items()):
+            if record.contains(request.answer_key, password):
+                log.info("not answering %s: this password was already sent for Id %s; "
+                         "leaving it to the human", path.name, request.id)
+                watcher.set_aside(path, "already answered with this password")
+            else:
+                fresh.append(request)
+        for request in fresh:
+            problem = request.stale_reason() or socket_problem(request.socket,
+                                                               watcher.directory)
+            if problem is not None:
+                log.info("not answering %s: %s", request.name, problem)
+                watcher.set_aside(request.path, problem)
+                continue
+            record.add(request.answer_key, password)
+            try:
+                send_password(request.socket, password)
+            except AgentError as error:
+                log.warning("%s: %s", request.name, error)
+            else:
+                log.info("answered %s (Id %s)", request.name, request.id)
+            watcher.set_aside(request.path, "answered")

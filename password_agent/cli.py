@@ -1,0 +1,133 @@
+"""``mandos-password-agent``: the command line.
+
+Options as upstream's ``mandos-client`` spells them (``--connect --pubkey --seckey --tls-pubkey
+--tls-privkey --priority --interface --retry --delay``) plus ``--agent-directory`` (upstream's
+``password-agent``), ``--keydir``, ``--timeout`` and ``--all-requests``.  The kernel command line
+(``mandos=off``, ``mandos=connect:ADDRESS:PORT``, ``ip=``) applies on top, as in upstream's
+initramfs.  Expected failures print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from password_agent.agent import Agent, AgentConfig, KeyFiles, Terminated
+from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
+from password_agent.errors import AgentError
+from password_agent.rundir import DEFAULT_RUN_DIRECTORY
+from password_agent.servers import parse_connect
+from password_agent.watch import DEFAULT_AGENT_DIRECTORY
+
+log = logging.getLogger("password_agent")
+
+#: Where upstream's dracut module puts the key set in the initramfs.
+DEFAULT_KEY_DIRECTORY = Path("/etc/mandos/keys")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mandos-password-agent",
+        description="Answer systemd disk-unlock password requests with the password a Mandos "
+                    "server hands out.")
+    parser.add_argument("--agent-directory", type=Path, default=DEFAULT_AGENT_DIRECTORY,
+                        help="directory of ask.* requests (default: %(default)s)")
+    parser.add_argument("--connect", action="append", default=[], metavar="ADDRESS:PORT",
+                        help="Mandos server to ask, repeatable, tried in order ([::1]:PORT "
+                             "and fe80::1%%eth0:PORT work); default: Zeroconf browsing")
+    parser.add_argument("--keydir", type=Path, default=DEFAULT_KEY_DIRECTORY,
+                        help="directory of pubkey.txt, seckey.txt, tls-pubkey.pem and "
+                             "tls-privkey.pem (default: %(default)s)")
+    parser.add_argument("--pubkey", type=Path, help="OpenPGP public key (KEYDIR/pubkey.txt)")
+    parser.add_argument("--seckey", type=Path, help="OpenPGP secret key (KEYDIR/seckey.txt)")
+    parser.add_argument("--tls-pubkey", type=Path,
+                        help="TLS raw public key (KEYDIR/tls-pubkey.pem)")
+    parser.add_argument("--tls-privkey", type=Path,
+                        help="TLS private key (KEYDIR/tls-privkey.pem)")
+    parser.add_argument("--priority", help="GnuTLS priority string (default: upstream's)")
+    parser.add_argument("--interface", help="network interface for link-local addresses and "
+                                            "Zeroconf browsing ('none': any)")
+    parser.add_argument("--retry", type=_seconds, default=3.0, metavar="SECONDS",
+                        help="longest pause between rounds of attempts (default: %(default)s)")
+    parser.add_argument("--delay", type=_seconds, default=2.5, metavar="SECONDS",
+                        help="how long to wait for --interface to come up (default: "
+                             "%(default)s)")
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help="give up after this long with requests unanswered (exit 1); "
+                             "default: never")
+    parser.add_argument("--all-requests", action="store_true",
+                        help="answer every request, not only disk unlocks (Id=cryptsetup:…)")
+    parser.add_argument("--run-directory", type=Path, default=DEFAULT_RUN_DIRECTORY,
+                        help="private directory for the record of answers sent and the "
+                             "temporary GnuPG homes (default: %(default)s)")
+    parser.add_argument("--kernel-cmdline", type=Path, default=DEFAULT_CMDLINE, metavar="FILE",
+                        help="kernel command line to honour mandos= and ip= from "
+                             "(default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="log more")
+    return parser
+
+
+def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
+    """The run's configuration, or None when the kernel command line says ``mandos=off``."""
+    kernel = read_cmdline(arguments.kernel_cmdline)
+    if kernel.off:
+        return None
+    interface = kernel.interface or arguments.interface
+    if interface == "none":
+        interface = None
+    connect_texts = list(arguments.connect)
+    if kernel.connect is not None:
+        connect_texts.insert(0, kernel.connect)  # upstream: the kernel command line wins
+    keys = KeyFiles.in_directory(arguments.keydir)
+    return AgentConfig(
+        agent_directory=arguments.agent_directory,
+        keys=KeyFiles(arguments.pubkey or keys.pubkey, arguments.seckey or keys.seckey,
+                      arguments.tls_pubkey or keys.tls_pubkey,
+                      arguments.tls_privkey or keys.tls_privkey),
+        run_directory=arguments.run_directory,
+        connect=[parse_connect(text, interface) for text in connect_texts],
+        priority=arguments.priority,
+        interface=interface,
+        retry=max(arguments.retry, 0.1),
+        delay=arguments.delay,
+        timeout=arguments.timeout,
+        all_requests=arguments.all_requests,
+    )
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.INFO,
+                        format="mandos-password-agent: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        config = config_from_arguments(arguments)
+        if config is None:
+            log.info("mandos=off on the kernel command line; not answering anything")
+            return 0
+        return Agent(config).run()
+    except AgentError as error:
+        print(f"mandos-password-agent: error: {error}", file=sys.stderr)
+        return 1
+    except (Terminated, KeyboardInterrupt):
+        log.info("terminated; exiting")
+        return 0

@@ -1,0 +1,269 @@
+"""Unit tests of the password agent's parts that need no network peer: ask-file parsing and
+rules (against real files and sockets), the kernel command line, ``--connect`` parsing, the
+record of answers sent, the datagram reply, and the systemd units (``systemd-analyze verify``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from password_agent.answered import AnsweredRecord
+from password_agent.asks import AskRequest, Ignored, load_request, parse_ask
+from password_agent.cli import build_parser, config_from_arguments
+from password_agent.cmdline import KernelOptions, parse_cmdline
+from password_agent.errors import AgentError
+from password_agent.reply import send_password
+from password_agent.servers import Server, parse_connect
+from tests.peers.ask import FakeRequester, monotonic_usec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+# --- ask files ------------------------------------------------------------------------------
+
+def test_parse_ask_skips_broken_lines_and_other_sections() -> None:
+    text = ("[Ask]\nPID=12\nSocket=/x/sck.1\nMessage=first line\nsecond line without equals\n"
+            "Id=cryptsetup:/dev/sda2\nIcon = drive-harddisk \n[Other]\nPID=99\n")
+    values = parse_ask(text)
+    assert values["PID"] == ["12"]
+    assert values["Message"] == ["first line"]
+    assert values["Id"] == ["cryptsetup:/dev/sda2"]
+    assert values["Icon"] == ["drive-harddisk"]
+
+
+def test_valid_request_is_accepted(tmp_path: Path) -> None:
+    with FakeRequester(tmp_path, {"NotAfter": monotonic_usec(30)}) as fake:
+        result = load_request(fake.ask_file, tmp_path)
+    assert isinstance(result, AskRequest)
+    assert result.socket == str(fake.socket_path)
+    assert result.id == "cryptsetup:/dev/fake"
+    assert not result.expired()
+
+
+def test_broken_message_line_is_still_answerable(tmp_path: Path) -> None:
+    with FakeRequester(tmp_path, {"Message": "Please enter\nthe passphrase"}) as fake:
+        assert isinstance(load_request(fake.ask_file, tmp_path), AskRequest)
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"PID": "dead"}, "is not running"),
+    ({"PID": None}, "PID="),
+    ({"PID": "abc"}, "PID="),
+    ({"NotAfter": "past"}, "NotAfter has passed"),
+    ({"NotAfter": "soon"}, "not a time"),
+    ({"Id": "other:thing"}, "not a disk unlock"),
+    ({"Id": None}, "not a disk unlock"),
+    ({"Socket": "/tmp/sck.elsewhere"}, "not inside"),
+    ({"Socket": "DIR/../DIRNAME/sck"}, "not a plain absolute path"),
+    ({"Socket": "relative/sck"}, "not a plain absolute path"),
+    ({"Socket": None}, "no Socket="),
+    ({"Socket": "DIR/sck.missing"}, "No such file"),
+    ({"Message": "hello\nId=cryptsetup:forged"}, "more than one Id="),
+])
+def test_rejected_requests(tmp_path: Path, fields: dict[str, str | None], reason: str) -> None:
+    values: dict[str, str | int | None] = {}
+    for key, value in fields.items():
+        if value == "dead":
+            values[key] = _dead_pid()
+        elif value == "past":
+            values[key] = monotonic_usec(-1)
+        elif isinstance(value, str):
+            values[key] = value.replace("DIRNAME", tmp_path.name).replace("DIR", str(tmp_path))
+        else:
+            values[key] = value
+    with FakeRequester(tmp_path, values) as fake:
+        result = load_request(fake.ask_file, tmp_path)
+    assert isinstance(result, Ignored), result
+    assert reason in result.reason
+
+
+def test_all_requests_accepts_other_ids(tmp_path: Path) -> None:
+    with FakeRequester(tmp_path, {"Id": None}) as fake:
+        result = load_request(fake.ask_file, tmp_path, all_requests=True)
+    assert isinstance(result, AskRequest)
+    assert result.answer_key == f"file:{fake.ask_file}"
+
+
+def test_socket_symlink_is_rejected(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    with FakeRequester(elsewhere) as target:
+        link = agent_dir / "sck.link"
+        link.symlink_to(target.socket_path)
+        with FakeRequester(agent_dir, {"Socket": str(link)}) as fake:
+            result = load_request(fake.ask_file, agent_dir)
+    assert isinstance(result, Ignored)
+    assert "symbolic link" in result.reason
+
+
+def test_socket_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "sck.file").write_text("")
+    with FakeRequester(tmp_path, {"Socket": str(tmp_path / "sck.file")}) as fake:
+        result = load_request(fake.ask_file, tmp_path)
+    assert isinstance(result, Ignored)
+    assert "not a socket" in result.reason
+
+
+def test_oversized_and_symlinked_ask_files_are_rejected(tmp_path: Path) -> None:
+    with FakeRequester(tmp_path, {"Message": "x" * 70000}) as fake:
+        result = load_request(fake.ask_file, tmp_path)
+        assert isinstance(result, Ignored)
+        assert "larger than" in result.reason
+        link = tmp_path / "ask.link"
+        link.symlink_to(fake.ask_file)
+        result = load_request(link, tmp_path)
+        assert isinstance(result, Ignored)
+        assert "cannot be read" in result.reason
+
+
+# --- kernel command line --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("root=/dev/sda1 quiet", KernelOptions()),
+    ("mandos=off", KernelOptions(off=True)),
+    ("mandos=connect", KernelOptions()),
+    ("mandos=connect:192.0.2.1:4711", KernelOptions(connect="192.0.2.1:4711")),
+    ("mandos=connect:fe80::1%eth0:4711", KernelOptions(connect="fe80::1%eth0:4711")),
+    ("mandos=connect:[2001:db8::1]:4711", KernelOptions(connect="[2001:db8::1]:4711")),
+    ("mandos=connect:192.0.2.1:1,connect:192.0.2.2:2", KernelOptions(connect="192.0.2.2:2")),
+    ("mandos=connect:192.0.2.1:1,off", KernelOptions(off=True, connect="192.0.2.1:1")),
+    ("mandos=bogus,connect:10.0.0.1:9", KernelOptions(connect="10.0.0.1:9")),
+    ("ip=10.0.0.2::10.0.0.1:255.255.255.0:host:eth1:off", KernelOptions(interface="eth1")),
+    ("ip=dhcp", KernelOptions()),
+])
+def test_parse_cmdline(text: str, expected: KernelOptions) -> None:
+    assert parse_cmdline(text) == expected
+
+
+def test_kernel_cmdline_connect_comes_first_and_ip_sets_interface(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("ro mandos=connect:fe80::2:4711 ip=:::::eth7:dhcp\n")
+    arguments = build_parser().parse_args(
+        ["--kernel-cmdline", str(cmdline), "--connect", "192.0.2.9:1", "--keydir", "/k",
+         "--seckey", "/s"])
+    config = config_from_arguments(arguments)
+    assert config is not None
+    assert config.connect == [Server("fe80::2%eth7", 4711), Server("192.0.2.9", 1)]
+    assert config.interface == "eth7"
+    assert config.keys.pubkey == Path("/k/pubkey.txt")
+    assert config.keys.seckey == Path("/s")
+
+
+def test_mandos_off_makes_the_agent_do_nothing(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("quiet mandos=off\n")
+    with FakeRequester(tmp_path) as fake:
+        result = subprocess.run(
+            [sys.executable, "-m", "password_agent", "--kernel-cmdline", str(cmdline),
+             "--agent-directory", str(tmp_path), "--connect", "127.0.0.1:9",
+             "--run-directory", str(tmp_path / "run"), "--timeout", "5"],
+            capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert b"mandos=off" in result.stderr
+        assert fake.receive(timeout=0) is None
+    assert not (tmp_path / "run").exists()
+
+
+# --- --connect ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "interface", "expected"), [
+    ("192.0.2.1:4711", None, Server("192.0.2.1", 4711)),
+    ("mandos.example:4711", None, Server("mandos.example", 4711)),
+    ("[::1]:4711", None, Server("::1", 4711)),
+    ("::1:4711", None, Server("::1", 4711)),
+    ("fe80::1%eth0:4711", None, Server("fe80::1%eth0", 4711)),
+    ("[fe80::1%eth0]:4711", None, Server("fe80::1%eth0", 4711)),
+    ("[fe80::1]:4711", "veth1", Server("fe80::1%veth1", 4711)),
+    ("[2001:db8::1]:4711", "veth1", Server("2001:db8::1", 4711)),
+])
+def test_parse_connect(text: str, interface: str | None, expected: Server) -> None:
+    assert parse_connect(text, interface) == expected
+
+
+@pytest.mark.parametrize("text", ["4711", "host:", "host:0", "host:70000", "[::1]4711", ":1",
+                                  "host:port"])
+def test_parse_connect_rejects(text: str) -> None:
+    with pytest.raises(AgentError, match="--connect"):
+        parse_connect(text)
+
+
+def test_server_str_brackets_ipv6() -> None:
+    assert str(Server("fe80::1%eth0", 1)) == "[fe80::1%eth0]:1"
+    assert str(Server("10.0.0.1", 2)) == "10.0.0.1:2"
+
+
+# --- record of answers sent -----------------------------------------------------------------
+
+def test_answered_record_persists_only_keyed_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "answered"
+    password = b"correct horse battery staple"
+    first = AnsweredRecord(path)
+    assert not first.contains("cryptsetup:/dev/a", password)
+    first.add("cryptsetup:/dev/a", password)
+    assert first.contains("cryptsetup:/dev/a", password)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    content = path.read_bytes()
+    assert password not in content
+    assert password.hex().encode() not in content
+    second = AnsweredRecord(path)  # a restarted agent
+    assert second.contains("cryptsetup:/dev/a", bytearray(password))
+    assert not second.contains("cryptsetup:/dev/b", password)
+    assert not second.contains("cryptsetup:/dev/a", b"another password")
+
+
+def test_answered_record_without_a_usable_file_still_remembers(tmp_path: Path) -> None:
+    record = AnsweredRecord(tmp_path / "missing-dir" / "answered")
+    assert record.path is None
+    record.add("cryptsetup:x", b"pw")
+    assert record.contains("cryptsetup:x", b"pw")
+
+
+# --- reply ----------------------------------------------------------------------------------
+
+def test_send_password_sends_one_datagram(tmp_path: Path) -> None:
+    with FakeRequester(tmp_path) as fake:
+        send_password(str(fake.socket_path), bytearray(b"pw\nwith newline"))
+        assert fake.receive() == b"+pw\nwith newline"
+
+
+def test_send_password_to_a_missing_socket_is_an_agent_error(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match="cannot answer") as raised:
+        send_password(str(tmp_path / "sck.gone"), b"hunter2")
+    assert "hunter2" not in str(raised.value)
+
+
+# --- systemd units --------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_units_verify(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` accepts both units, without a single warning.  The installed
+    command does not exist here, so ExecStart points at this venv's console script."""
+    script = Path(sys.executable).parent / "mandos-password-agent"
+    assert os.access(script, os.X_OK), "the project is not installed in this venv"
+    for name in ("mandos-password-agent.path", "mandos-password-agent.service"):
+        text = (REPO / "units" / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/bin/mandos-password-agent", str(script)))
+    path_unit = (tmp_path / "mandos-password-agent.path").read_text()
+    assert "PathExistsGlob=/run/systemd/ask-password/ask.*" in path_unit
+    assert "DefaultDependencies=no" in path_unit
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "mandos-password-agent.path"),
+         str(tmp_path / "mandos-password-agent.service")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
