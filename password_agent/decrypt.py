@@ -9,47 +9,17 @@ stdout pipe into a ``bytearray`` that the caller zeroes; it never touches a file
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import gnupg
 
 from password_agent.errors import AgentError
+from password_agent.gnupghome import private_home
 
 log = logging.getLogger(__name__)
 
 # python-gnupg logs imported key data at DEBUG level: keep it quiet whatever the agent's level.
 logging.getLogger("gnupg").setLevel(logging.WARNING)
-
-_GPGCONF_TIMEOUT = 10.0
-
-
-def _make_home(run_directory: Path | None) -> Path:
-    """A fresh 0700 directory for GnuPG: in ``run_directory`` if usable, else in the
-    temporary directory."""
-    if run_directory is not None:
-        try:
-            return Path(tempfile.mkdtemp(prefix="gnupg.", dir=run_directory))
-        except OSError as error:
-            log.warning("cannot make a GnuPG home in %s (%s); using the temporary directory",
-                        run_directory, error.strerror)
-    try:
-        return Path(tempfile.mkdtemp(prefix="mandos-gnupg."))
-    except OSError as error:
-        raise AgentError(f"cannot make a temporary GnuPG home: {error.strerror}") from None
-
-
-def _remove_home(home: Path) -> None:
-    """Stop the gpg-agent that gpg started for ``home``, then delete ``home``."""
-    try:
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=_GPGCONF_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        log.warning("cannot stop gpg-agent for %s: %s", home, error)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def _import(gpg: gnupg.GPG, path: Path) -> None:
@@ -68,14 +38,13 @@ def decrypt_blob(blob: bytes, pubkey: Path, seckey: Path, run_directory: Path | 
                  ) -> bytearray:
     """The password in ``blob`` (binary OpenPGP, encrypted to our key), as a ``bytearray`` the
     caller zeroes after use; :class:`AgentError` if gpg cannot decrypt it."""
-    home = _make_home(run_directory)
     plaintext = bytearray()
 
     def collect(chunk: bytes) -> bool:
         plaintext.extend(chunk)
         return False  # python-gnupg keeps nothing
 
-    try:
+    with private_home("gnupg.", run_directory) as home:
         try:
             gpg = gnupg.GPG(gnupghome=str(home))
         except (OSError, ValueError, RuntimeError) as error:
@@ -90,5 +59,3 @@ def decrypt_blob(blob: bytes, pubkey: Path, seckey: Path, run_directory: Path | 
             raise AgentError(f"gpg cannot decrypt the server's blob ({status}); was the "
                              "secret made for this key set?")
         return plaintext
-    finally:
-        _remove_home(home)

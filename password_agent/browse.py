@@ -1,0 +1,104 @@
+"""Find Mandos servers with Zeroconf: browse ``_mandos._tcp.local.`` and resolve what answers.
+
+The agent imports this module only when it has no ``--connect`` list, because importing
+python-zeroconf costs about 40 ms of the initramfs' time.  The browser listens over IPv6 and IPv4
+(``IPVersion.All``): upstream's server announces over IPv6 only (unless ``--no-ipv6``), with only
+its link-local address, so an IPv4-only browser would never see it (``reference/zeroconf.md``).
+Link-local addresses come back with their ``%scope`` (``parsed_scoped_addresses()``), which
+``socket.create_connection`` understands.  Upstream's empty TXT record shows up as
+``{b'': None}`` and is ignored, as upstream's client ignores it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import socket
+import time
+
+import ifaddr
+from zeroconf import (
+    InterfaceChoice,
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+
+SERVICE_TYPE = "_mandos._tcp.local."
+
+#: Once one server is resolved, how long to wait for others before returning.
+GRACE = 0.3
+
+
+def _interface_choice(interface: str) -> list[str | int] | None:
+    """python-zeroconf's interface list for one interface (its IPv4 addresses and its index
+    for IPv6), or None if the interface does not exist (yet)."""
+    for adapter in ifaddr.get_adapters():
+        if adapter.name == interface:
+            chosen: list[str | int] = [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)]
+            if any(isinstance(ip.ip, tuple) for ip in adapter.ips):
+                chosen.append(socket.if_nametoindex(interface))
+            return chosen or None
+    return None
+
+
+def _order(host: str) -> int:
+    """Sort key: IPv6 link-local first, then other IPv6, then IPv4."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if address.version == 6:
+        return 0 if address.is_link_local else 1
+    return 2
+
+
+def browse(timeout: float, interface: str | None = None) -> list[tuple[str, int]]:
+    """``(host, port)`` of the Mandos servers announced on the link, best first.
+
+    Returns :data:`GRACE` seconds after the first server is resolved, or an empty list after
+    ``timeout`` seconds.  With ``interface``, only that interface is used; if it does not exist
+    or has no address yet (early boot), the result is empty at once so that the caller retries.
+    """
+    if interface is None:
+        interfaces: InterfaceChoice | list[str | int] = InterfaceChoice.All
+        scope = None
+    else:
+        chosen = _interface_choice(interface)
+        if chosen is None:
+            return []
+        interfaces = chosen
+        scope = socket.if_nametoindex(interface)
+    deadline = time.monotonic() + timeout
+    found: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def on_change(zeroconf: Zeroconf, service_type: str, name: str,
+                  state_change: ServiceStateChange) -> None:
+        # Runs in python-zeroconf's thread: resolving here would block its loop.
+        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            found.put(name)
+
+    results: dict[tuple[str, int], None] = {}
+    zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
+    try:
+        browser = ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[on_change])
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    name = found.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                info = ServiceInfo(SERVICE_TYPE, name)
+                if not info.request(zeroconf, max(1, int(remaining * 1000))):
+                    continue
+                for host in info.parsed_scoped_addresses(IPVersion.All):
+                    if scope is not None and "%" in host and host.rsplit("%", 1)[1] != str(scope):
+                        continue
+                    if info.port:
+                        results[(host, info.port)] = None
+                if results:
+                    deadline = min(deadline, time.monotonic() + GRACE)
+        finally:
+            browser.cancel()
+    finally:
+        zeroconf.close()
+    return sorted(results, key=lambda pair: _order(pair[0]))

@@ -1,0 +1,123 @@
+"""The key directory: which files it holds, refusing to overwrite them, numbered backups.
+
+Upstream refuses to touch a directory that already holds any of the four key files unless
+``--force``; with it, each old file is kept as ``NAME.~N~`` (``cp --backup=numbered``).  We
+write every new file beside its final name first and rename it into place, so a failure
+never leaves a half-written key, and only after all keys were made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from password_agent.errors import AgentError
+
+#: Where upstream's keygen looks, in this order, when ``--dir`` is not given.
+DEFAULT_DIRECTORIES = (Path("/etc/keys/mandos"), Path("/etc/mandos/keys"))
+
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """The four file names upstream's keygen uses, in one directory."""
+
+    directory: Path
+
+    @property
+    def seckey(self) -> Path:
+        return self.directory / "seckey.txt"
+
+    @property
+    def pubkey(self) -> Path:
+        return self.directory / "pubkey.txt"
+
+    @property
+    def tls_privkey(self) -> Path:
+        return self.directory / "tls-privkey.pem"
+
+    @property
+    def tls_pubkey(self) -> Path:
+        return self.directory / "tls-pubkey.pem"
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.seckey, self.pubkey, self.tls_privkey, self.tls_pubkey)
+
+    def check_directory(self, *, writable: bool) -> None:
+        """Upstream's checks, with its messages, before any key is made."""
+        if not self.directory.is_dir():
+            raise AgentError(f"{self.directory} not a directory")
+        if not os.access(self.directory, os.R_OK | os.X_OK):
+            raise AgentError(f"Directory {self.directory} not readable")
+        if writable and not os.access(self.directory, os.W_OK):
+            raise AgentError(f"Directory {self.directory} not writeable")
+
+    def refuse_overwrite(self, force: bool) -> None:
+        """Upstream's refusal when any key file exists and ``--force`` was not given."""
+        if not force and any(os.path.lexists(path) for path in self.all()):
+            raise AgentError("Refusing to overwrite old key files; use --force")
+
+
+def default_directory() -> Path:
+    """``/etc/keys/mandos``, or ``/etc/mandos/keys`` when only that one exists (as upstream)."""
+    preferred, fallback = DEFAULT_DIRECTORIES
+    return preferred if preferred.is_dir() or not fallback.is_dir() else fallback
+
+
+def backup_name(path: Path) -> Path:
+    """The next ``NAME.~N~`` beside ``path``, numbered as ``cp --backup=numbered`` does."""
+    pattern = re.compile(re.escape(path.name) + r"\.~([1-9][0-9]*)~")
+    numbers = [int(match.group(1)) for entry in os.listdir(path.parent)
+               if (match := pattern.fullmatch(entry))]
+    return path.with_name(f"{path.name}.~{max(numbers, default=0) + 1}~")
+
+
+def install(files: dict[Path, tuple[bytes, int]]) -> None:
+    """Write each ``path: (contents, mode)``; an existing file is first renamed to a backup.
+
+    Each file is written and synced under a temporary name in the same directory (created with
+    its final mode, so a secret is never readable by others), then renamed into place.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, (contents, mode) in files.items():
+            staged.append((_write_temporary(path, contents, mode), path))
+        for temporary, path in staged:
+            if os.path.lexists(path):
+                os.rename(path, backup_name(path))
+            os.rename(temporary, path)
+        staged.clear()
+    except OSError as error:
+        raise AgentError(f"cannot write key files: {error.strerror}: {error.filename}") from None
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+    for directory in {path.parent for path in files}:
+        _sync_directory(directory)
+
+
+def _write_temporary(path: Path, contents: bytes, mode: int) -> Path:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)  # the umask may have taken bits away
+            stream.write(contents)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
