@@ -1,0 +1,2 @@
+"""The Mandos server: hands each enabled, approved client its encrypted password blob over TLS
+with raw public keys, wire-compatible with upstream Mandos 1.8."""

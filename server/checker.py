@@ -1,0 +1,72 @@
+"""Checker commands: ``%(attr)s`` expansion and running one as a child process.
+
+A checker is a shell command whose exit status 0 means "the client host is alive".  As upstream
+does, the command is run with ``/bin/sh -c`` in ``/``, stdin from ``/dev/null`` and output to
+``/dev/null`` unless debugging.  Unlike upstream, it runs in its own process group, so that
+stopping it also stops whatever the shell started (an ``ssh`` or ``fping``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: The client attributes a checker may use as ``%%(name)s`` in clients.conf.
+RUNTIME_EXPANSIONS = (
+    "approval_delay", "approval_duration", "created", "enabled", "expires", "key_id",
+    "fingerprint", "host", "interval", "last_approval_request", "last_checked_ok",
+    "last_enabled", "name", "timeout",
+)
+
+
+class ExpansionError(Exception):
+    """The checker command has a ``%`` expansion that cannot be made; the message says why."""
+
+
+def expand(command: str, attributes: Mapping[str, object]) -> str:
+    """``command`` with ``%(attr)s`` replaced by the shell-quoted attribute values."""
+    quoted = {name: shlex.quote(str(attributes[name])) for name in RUNTIME_EXPANSIONS
+              if name in attributes}
+    try:
+        return command % quoted
+    except KeyError as error:
+        raise ExpansionError(f"unknown attribute {error.args[0]!r} in checker {command!r}") \
+            from None
+    except (TypeError, ValueError) as error:
+        raise ExpansionError(f"bad % expansion in checker {command!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class CheckerResult:
+    """How a checker ended: ``status`` is the exit code (0-255), or -1 if a signal killed it
+    (``signal`` then says which), as upstream's ``last_checker_status``."""
+
+    status: int
+    signal: int | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == 0
+
+
+async def run(command: str, *, show_output: bool = False) -> CheckerResult:
+    """Run ``command`` to completion.  Cancelling this kills the checker's process group."""
+    output = None if show_output else asyncio.subprocess.DEVNULL
+    process = await asyncio.create_subprocess_exec(
+        "/bin/sh", "-c", command, stdin=asyncio.subprocess.DEVNULL, stdout=output,
+        stderr=output, cwd="/", start_new_session=True,
+    )
+    try:
+        code = await process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        raise
+    if code < 0:
+        return CheckerResult(status=-1, signal=-code)
+    return CheckerResult(status=code)

@@ -1,0 +1,380 @@
+"""A client's life: enabled until it expires, kept alive by checkers, gated by approvals.
+
+This follows upstream Mandos 1.8 (reference/mandos-protocol.md §6):
+
+* an enabled client runs its checker every ``interval`` (the first one after a random delay in
+  ``[0, interval]`` at start-up, so that many clients do not all check at once), one at a time;
+* a successful checker sets ``expires = now + timeout``; handing out the secret sets
+  ``expires = now + extended_timeout``; reaching ``expires`` disables the client, and a disabled
+  client stays disabled until an administrator enables it;
+* with ``approval_delay > 0`` a request waits for :meth:`Client.approve` up to that delay, and
+  ``approved_by_default`` decides if none comes; one approval holds for ``approval_duration``.
+
+Timers run on the event loop's monotonic clock; the wall-clock datetimes (UTC) are only for
+state and reporting.  :class:`Client` methods ``enable()``, ``disable()``, ``approve()``,
+``checked_ok()``, ``start_checker()`` and ``stop_checker()`` are the internal API that the
+admin plane (D-Bus) calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from server import checker
+from server.config import ClientConfig
+from server.journal import ERR, Event, Journal
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass
+class ClientState:
+    """What a client's life has been so far; the state file keeps this across restarts."""
+
+    enabled: bool
+    created: datetime.datetime
+    last_enabled: datetime.datetime | None = None
+    expires: datetime.datetime | None = None
+    last_checked_ok: datetime.datetime | None = None
+    last_checker_status: int = -2  # -2: no checker finished yet; -1: killed by a signal
+    last_approval_request: datetime.datetime | None = None
+    last_secret_sent: datetime.datetime | None = None
+
+
+class Client:
+    """One configured client at run time.
+
+    ``settings`` are the values in force (from clients.conf, possibly changed at run time);
+    ``state`` is what the state file saves.  ``on_change`` is called after every change that
+    must survive a restart.
+    """
+
+    def __init__(self, settings: ClientConfig, state: ClientState, journal: Journal, *,
+                 on_change: Callable[[], None] = lambda: None,
+                 show_checker_output: bool = False) -> None:
+        self.settings = settings
+        self.state = state
+        self.journal = journal
+        self.on_change = on_change
+        self.show_checker_output = show_checker_output
+        self.approved: bool | None = None
+        self.approvals_pending = 0
+        self.checker_command: str | None = None
+        self._checker_task: asyncio.Task[None] | None = None
+        self._checker_timer: asyncio.TimerHandle | None = None
+        self._disable_timer: asyncio.TimerHandle | None = None
+        self._approval_reset: asyncio.TimerHandle | None = None
+        self._changed = asyncio.Event()
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.enabled
+
+    @property
+    def expires(self) -> datetime.datetime | None:
+        return self.state.expires
+
+    @property
+    def checker_running(self) -> bool:
+        return self._checker_task is not None and not self._checker_task.done()
+
+    @property
+    def approval_pending(self) -> bool:
+        return self.approvals_pending > 0
+
+    def _log(self, event: Event, message: str, *, priority: int | None = None,
+             **fields: str) -> None:
+        self.journal.event(event, message, client=self.name, priority=priority,
+                           key_id=self.settings.key_id or self.settings.fingerprint, **fields)
+
+    def _notify_waiters(self) -> None:
+        """Wake every request waiting for approval to look at the client again."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _later(self, delay: datetime.timedelta,
+               callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(max(0.0, delay.total_seconds()), callback)
+
+    @staticmethod
+    def _cancel(handle: asyncio.TimerHandle | None) -> None:
+        if handle is not None:
+            handle.cancel()
+
+    def init_checker(self, *, randomize_start: bool = False) -> None:
+        """Schedule the checkers and the expiry of an enabled client, as upstream: the first
+        checker after ``interval`` (or a random part of it), expiry one interval after that.
+
+        A restored expiry later than that (an extended timeout still running) is kept."""
+        self._cancel(self._checker_timer)
+        interval = self.settings.interval
+        if randomize_start:
+            delay = datetime.timedelta(
+                milliseconds=random.randrange(int(interval.total_seconds() * 1000) + 1))
+        else:
+            delay = interval
+        self._checker_timer = self._later(delay, self._periodic_checker)
+        expires = utcnow() + delay + interval
+        if self.state.expires is not None and self.state.expires > expires and randomize_start:
+            expires = self.state.expires
+        self._set_expiry(expires)
+
+    def _periodic_checker(self) -> None:
+        self._checker_timer = self._later(self.settings.interval, self._periodic_checker)
+        self.start_checker()
+
+    def _set_expiry(self, when: datetime.datetime) -> None:
+        self._cancel(self._disable_timer)
+        self.state.expires = when
+        self._disable_timer = self._later(when - utcnow(), self._expire)
+        self.on_change()
+
+    def _expire(self) -> None:
+        self._disable_timer = None
+        self.disable(event=Event.CLIENT_EXPIRED,
+                     message=f"Client {self.name} expired: no successful checker within its "
+                             "timeout; it stays disabled until an administrator enables it")
+
+    def bump_timeout(self, timeout: datetime.timedelta | None = None) -> None:
+        """Keep an enabled client enabled for ``timeout`` (default: its ``timeout``) from now."""
+        if not self.state.enabled:
+            return
+        self._set_expiry(utcnow() + (self.settings.timeout if timeout is None else timeout))
+
+    # -- the admin API ----------------------------------------------------------------------
+
+    def enable(self) -> None:
+        """Enable the client and start its checkers (no random start delay)."""
+        if self.state.enabled:
+            return
+        self.state.enabled = True
+        self.state.last_enabled = utcnow()
+        self._log(Event.CLIENT_ENABLED, f"Client {self.name} enabled")
+        self.init_checker()
+        self._notify_waiters()
+        self.on_change()
+
+    def disable(self, *, event: Event = Event.CLIENT_DISABLED, message: str | None = None,
+                quiet: bool = False) -> None:
+        """Disable the client: no more secrets, checkers or expiry until it is enabled."""
+        if not self.state.enabled:
+            return
+        self._cancel(self._disable_timer)
+        self._cancel(self._checker_timer)
+        self._disable_timer = self._checker_timer = None
+        self.stop_checker()
+        self.state.enabled = False
+        self.state.expires = None
+        if not quiet:
+            self._log(event, message or f"Client {self.name} disabled")
+        self._notify_waiters()
+        self.on_change()
+
+    def checked_ok(self) -> None:
+        """Record that the client is alive and well (a checker succeeded, or an admin says
+        so)."""
+        self.state.last_checked_ok = utcnow()
+        self.state.last_checker_status = 0
+        self.bump_timeout()
+        self.on_change()
+
+    def approve(self, value: bool = True) -> None:
+        """Approve (or deny) requests waiting now and arriving within ``approval_duration``."""
+        self.approved = value
+        self._notify_waiters()
+        self._cancel(self._approval_reset)
+        self._approval_reset = self._later(self.settings.approval_duration, self._reset_approval)
+
+    def _reset_approval(self) -> None:
+        self._approval_reset = None
+        self.approved = None
+
+    def start_checker(self) -> None:
+        """Start a checker unless one is running (a slow checker is never killed on schedule:
+        it then has until ``timeout``, not ``interval``, to succeed)."""
+        if self.checker_running:
+            return
+        attributes = {name: getattr(self.settings, name, None) for name in
+                      ("approval_delay", "approval_duration", "key_id", "fingerprint",
+                       "host", "interval", "name", "timeout")}
+        attributes.update(dataclasses.asdict(self.state))
+        try:
+            command = checker.expand(self.settings.checker, attributes)
+        except checker.ExpansionError as error:
+            self._log(Event.CHECKER_FAILED, f"Checker for {self.name} not started: {error}",
+                      priority=ERR)
+            return
+        self.checker_command = command
+        self._log(Event.CHECKER_STARTED, f"Starting checker {command!r} for {self.name}",
+                  command=command)
+        self._checker_task = asyncio.get_running_loop().create_task(self._run_checker(command))
+
+    async def _run_checker(self, command: str) -> None:
+        result = await checker.run(command, show_output=self.show_checker_output)
+        if result.succeeded:
+            self._log(Event.CHECKER_SUCCEEDED, f"Checker for {self.name} succeeded",
+                      command=command, status="0")
+            self.checked_ok()
+            return
+        self.state.last_checker_status = result.status
+        if result.signal is not None:
+            self._log(Event.CHECKER_FAILED,
+                      f"Checker for {self.name} was killed by signal {result.signal}",
+                      command=command, status="-1", signal=str(result.signal))
+        else:
+            self._log(Event.CHECKER_FAILED,
+                      f"Checker for {self.name} failed with status {result.status}",
+                      command=command, status=str(result.status))
+        self.on_change()
+
+    def stop_checker(self) -> None:
+        """Stop a running checker, if any."""
+        if self._checker_task is not None:
+            self._checker_task.cancel()
+            self._checker_task = None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def authorize(self, peer: str) -> bytes | None:
+        """Decide one request, waiting for approval if needed: the secret, or None (refused;
+        the refusal is logged)."""
+        loop = asyncio.get_running_loop()
+        delay = self.settings.approval_delay.total_seconds()
+        approval_required = delay > 0
+        if approval_required:
+            self.approvals_pending += 1
+        try:
+            while True:
+                if not self.state.enabled:
+                    self._log(Event.REFUSED_DISABLED, f"Client {self.name} is disabled",
+                              peer=peer)
+                    return None
+                if self.approved or not approval_required:
+                    return self.settings.secret
+                if self.approved is None:
+                    self.state.last_approval_request = utcnow()
+                    self.on_change()
+                    default = "approve" if self.settings.approved_by_default else "deny"
+                    self._log(Event.NEEDS_APPROVAL,
+                              f"Client {self.name} needs approval within {delay:g} s "
+                              f"(default: {default})", peer=peer)
+                else:
+                    self._log(Event.REFUSED_DENIED, f"Client {self.name} was not approved",
+                              peer=peer)
+                    return None
+                started = loop.time()
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+                elapsed = loop.time() - started
+                if elapsed >= delay:
+                    if not self.settings.approved_by_default:
+                        self._log(Event.APPROVAL_TIMED_OUT,
+                                  f"Client {self.name} timed out while waiting for approval",
+                                  peer=peer)
+                        return None
+                    return self.settings.secret
+                delay -= elapsed
+        finally:
+            if approval_required:
+                self.approvals_pending -= 1
+
+    def secret_sent(self, peer: str) -> None:
+        """The secret went out: log it and keep the client enabled through the boot."""
+        self.state.last_secret_sent = utcnow()
+        self._log(Event.SECRET_SENT, f"Sent secret to client {self.name}", peer=peer)
+        self.bump_timeout(self.settings.extended_timeout)
+        self.on_change()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the timers of a client just created at server start-up."""
+        if self.state.enabled:
+            self.init_checker(randomize_start=True)
+
+    def apply_settings(self, new: ClientConfig, old: ClientConfig) -> None:
+        """Apply a reloaded config section: each value that changed in the file since ``old``
+        takes effect; values changed at run time but not in the file are kept."""
+        changes = {f.name: getattr(new, f.name) for f in dataclasses.fields(new)
+                   if getattr(new, f.name) != getattr(old, f.name) and f.name != "enabled"}
+        if changes:
+            self.settings = dataclasses.replace(self.settings, **changes)
+        if new.enabled != old.enabled:
+            if new.enabled:
+                self.enable()
+            else:
+                self.disable()
+        elif "interval" in changes and self.state.enabled:
+            self._cancel(self._checker_timer)
+            self._checker_timer = self._later(new.interval, self._periodic_checker)
+        self.on_change()
+
+    def close(self) -> None:
+        """Stop every timer and checker, and refuse waiting requests (server stop, or the
+        client was removed from the configuration).  The state is left as it is."""
+        for handle in (self._checker_timer, self._disable_timer, self._approval_reset):
+            self._cancel(handle)
+        self._checker_timer = self._disable_timer = self._approval_reset = None
+        self.stop_checker()
+        self._notify_waiters()
+
+
+class ClientTable:
+    """All clients by name, and by key id for the lookup of each request."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Client] = {}
+        self._by_key_id: dict[str, Client] = {}
+        self._by_fingerprint: dict[str, Client] = {}
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(list(self._by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def get(self, name: str) -> Client | None:
+        return self._by_name.get(name)
+
+    def add(self, client: Client) -> None:
+        self._by_name[client.name] = client
+        self.reindex()
+
+    def remove(self, name: str) -> Client | None:
+        client = self._by_name.pop(name, None)
+        self.reindex()
+        return client
+
+    def reindex(self) -> None:
+        """Rebuild the key id index (after adding or removing clients, or a key id change)."""
+        self._by_key_id = {c.settings.key_id: c for c in self._by_name.values()
+                           if c.settings.key_id}
+        # A legacy section without key_id can only match if its ``fingerprint`` holds what
+        # is really a key id; a true OpenPGP fingerprint (40 digits) never equals one (64).
+        self._by_fingerprint = {c.settings.fingerprint: c for c in self._by_name.values()
+                                if not c.settings.key_id and c.settings.fingerprint}
+
+    def lookup(self, key_id: str) -> Client | None:
+        """The client with this (normalized) key id, if any."""
+        return self._by_key_id.get(key_id) or self._by_fingerprint.get(key_id)

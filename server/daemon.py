@@ -1,0 +1,219 @@
+"""The running server: one asyncio loop holding the clients, the listener, the state file,
+sd_notify, the Zeroconf announcement and the signal handlers.
+
+SIGHUP reloads clients.conf without dropping connections (a bad file is logged and the old
+configuration kept); SIGTERM and SIGINT stop at any moment, requests waiting for approval
+included: connections are closed, checkers stopped, the state saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from typing import Any
+
+from mandos_protocol.errors import ProtocolError
+from mandos_protocol.gnutls import Priority
+from server import systemd
+from server.clients import Client, ClientTable, utcnow
+from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
+from server.journal import WARNING, Event, Journal
+from server.listener import Listener, adopt_socket, bind_socket
+from server.statefile import StateFile
+
+
+class Daemon:
+    """The server process after option parsing."""
+
+    def __init__(self, settings: ServerSettings, journal: Journal) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.notifier = systemd.Notifier()
+        self.statefile = StateFile(settings.statedir, self._state_warning)
+        self.clients = ClientTable()
+        self.configs: dict[str, ClientConfig] = {}
+        self.listener: Listener | None = None
+        self.announcer: Any = None
+        self._save_scheduled = False
+        self._stop = asyncio.Event()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def _state_warning(self, message: str) -> None:
+        self.journal.event(Event.STATE_PROBLEM, message)
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _sockets(self) -> list[socket.socket]:
+        inherited = systemd.listen_fds()
+        if inherited:
+            return [item.socket for item in inherited]
+        if self.settings.socket is not None:
+            return [adopt_socket(self.settings.socket)]
+        if self.settings.port is None and not self.settings.zeroconf:
+            raise ConfigError("needs --port or --socket (or socket activation) to work without "
+                              "Zeroconf")
+        return [bind_socket(self.settings.address, self.settings.port or 0,
+                            use_ipv6=self.settings.use_ipv6, interface=self.settings.interface)]
+
+    def _make_client(self, settings: ClientConfig, state: Any) -> Client:
+        return Client(settings, state, self.journal, on_change=self.schedule_save,
+                      show_checker_output=self.settings.debug)
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        loop = asyncio.get_running_loop()
+        try:
+            priority = Priority(self.settings.priority)
+        except ProtocolError as error:
+            raise ConfigError(f"priority: {error}") from None
+        self.configs = load_clients(self.settings.clients_conf)
+        saved = self.statefile.load() if self.settings.restore else {}
+        for _name, restored in self.statefile.restore(self.configs, saved, utcnow()).items():
+            self.clients.add(self._make_client(restored.settings, restored.state))
+        self._log_config_loaded("Loaded")
+        sockets = self._sockets()
+        self.listener = Listener(sockets, lambda: self.clients, self.journal, priority)
+        for client in self.clients:
+            client.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            self.listener.start()
+            if self.settings.zeroconf:
+                await self._announce(self.listener.port)
+            self.save()
+            addresses = ", ".join(_describe(sock) for sock in sockets)
+            self.journal.event(Event.SERVER_STARTED, f"Mandos server listening on {addresses}")
+            self.notifier.ready(self.status_line())
+            self._arm_watchdog()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _announce(self, port: int) -> None:
+        from server.announce import Announcer  # lazy: python-zeroconf costs 40 ms to import
+
+        def log(message: str) -> None:
+            self.journal.event(Event.ZEROCONF, message)
+
+        self.announcer = Announcer(port, self.settings.servicename,
+                                   self.settings.interface or None, self.settings.use_ipv6, log)
+        await self.announcer.start()
+
+    def _arm_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+
+        def ping() -> None:
+            self.notifier.watchdog()
+            self._watchdog = asyncio.get_running_loop().call_later(interval, ping)
+
+        ping()
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.journal.event(Event.SERVER_STOPPING, "Mandos server stopping")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.listener is not None:
+            await self.listener.stop()
+        for client in self.clients:
+            client.close()
+        if self.announcer is not None:
+            with contextlib.suppress(Exception):
+                await self.announcer.stop()
+        self.save()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def schedule_save(self) -> None:
+        """Save soon, once for all the changes made in this turn of the loop."""
+        if not self._save_scheduled:
+            self._save_scheduled = True
+            asyncio.get_running_loop().call_soon(self.save)
+        self._update_status()
+
+    def save(self) -> None:
+        self._save_scheduled = False
+        try:
+            self.statefile.save(self.clients, self.configs)
+        except OSError as error:
+            self.journal.event(Event.STATE_PROBLEM,
+                               f"Cannot save state in {self.settings.statedir}: {error}",
+                               priority=WARNING)
+
+    def status_line(self) -> str:
+        clients = list(self.clients)
+        enabled = sum(1 for client in clients if client.enabled)
+        sent = [c for c in clients if c.state.last_secret_sent is not None]
+        line = f"{len(clients)} clients, {enabled} enabled"
+        if sent:
+            last = max(sent, key=lambda c: c.state.last_secret_sent or utcnow())
+            stamp = last.state.last_secret_sent
+            assert stamp is not None
+            line += f"; last secret sent to {last.name} at {stamp.strftime('%Y-%m-%d %H:%M:%S')}Z"
+        else:
+            line += "; no secret sent yet"
+        return line
+
+    def _update_status(self) -> None:
+        self.notifier.status(self.status_line())
+
+    # -- reload -----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read clients.conf again; add, drop and change clients in place."""
+        self.notifier.notify("RELOADING=1")
+        try:
+            try:
+                configs = load_clients(self.settings.clients_conf)
+            except ConfigError as error:
+                self.journal.event(Event.CONFIG_RELOAD_FAILED,
+                                   f"Reload failed, keeping the old configuration: {error}")
+                return
+            now = utcnow()
+            for name in list(self.configs):
+                if name not in configs:
+                    client = self.clients.remove(name)
+                    if client is not None:
+                        client.disable(quiet=True)
+                        client.close()
+            for name, config in configs.items():
+                client = self.clients.get(name)
+                if client is None:
+                    restored = self.statefile.restore({name: config}, {}, now)[name]
+                    client = self._make_client(restored.settings, restored.state)
+                    self.clients.add(client)
+                    client.start()
+                else:
+                    client.apply_settings(config, self.configs[name])
+            self.configs = configs
+            self.clients.reindex()
+            self._log_config_loaded("Reloaded")
+            self.schedule_save()
+        finally:
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _log_config_loaded(self, verb: str) -> None:
+        names = ", ".join(self.configs) or "none"
+        self.journal.event(Event.CONFIG_LOADED,
+                           f"{verb} {self.settings.clients_conf}: {len(self.configs)} clients "
+                           f"({names})")
+        if not self.configs:
+            self.journal.event(Event.CONFIG_LOADED, "No clients defined", priority=WARNING)
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
+        return f"{host}:{name[1]}"
+    return str(name) or f"fd {sock.fileno()}"
+

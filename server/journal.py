@@ -1,0 +1,155 @@
+"""One journal entry per decision and state change, with structured fields.
+
+Entries go to journald over its native protocol (one AF_UNIX datagram of ``KEY=VALUE`` lines;
+values containing a newline use the binary-safe ``KEY\\n<le64 length><bytes>\\n`` form) when its
+socket exists, else to stderr as one readable line.  Every kind of event has a fixed
+``MESSAGE_ID``, explained in ``units/mandos-catalog.catalog``, so that an administrator can
+``journalctl MESSAGE_ID=...`` or ``journalctl MANDOS_EVENT=secret-sent``.
+
+The secret is never passed here, so it cannot end up in the journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+DEFAULT_SOCKET = Path("/run/systemd/journal/socket")
+
+# syslog priorities
+EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
+LEVELS: Mapping[str, int] = {
+    "CRITICAL": CRIT, "ERROR": ERR, "WARNING": WARNING, "INFO": INFO, "DEBUG": DEBUG,
+}
+_LEVEL_NAMES = ("EMERG", "ALERT", "CRIT", "ERR", "WARNING", "NOTICE", "INFO", "DEBUG")
+
+
+class Event(enum.Enum):
+    """Every kind of entry: (MANDOS_EVENT name, MESSAGE_ID, priority)."""
+
+    SECRET_SENT = ("secret-sent", "8fee6315349d49baab2153af0460b8fc", INFO)
+    CLIENT_NOT_FOUND = ("client-not-found", "50d582cd85be4fcfa74afbe65adb8fa8", NOTICE)
+    REFUSED_DISABLED = ("refused-disabled", "9f3b2c7fbbe748b1acf82865056983eb", NOTICE)
+    REFUSED_DENIED = ("refused-denied", "2f6a3aa44c4b4ab7a4d31c1ee1d54b36", WARNING)
+    APPROVAL_TIMED_OUT = ("approval-timed-out", "269c2ace7a7e40799e7c19184f49e9a4", WARNING)
+    NEEDS_APPROVAL = ("needs-approval", "2be50666ac8b4c92b6700c0698da90ba", NOTICE)
+    CONNECTION_FAILED = ("connection-failed", "32021c68407c47bd8421190dd0c153bb", INFO)
+    CLIENT_ENABLED = ("client-enabled", "ee6d22a96f7848cc8d086bddff059889", INFO)
+    CLIENT_DISABLED = ("client-disabled", "10e6c91d472a4b248e6c881ca4dc8209", NOTICE)
+    CLIENT_EXPIRED = ("client-expired", "87ef8b10854346cea9e8b6a222aaf83c", WARNING)
+    CHECKER_STARTED = ("checker-started", "1974b7aae8194021bbdd867c326d7ce6", DEBUG)
+    CHECKER_SUCCEEDED = ("checker-succeeded", "b501d1e406584fe3a11ebc3c5c78a739", INFO)
+    CHECKER_FAILED = ("checker-failed", "075de7665b714030a23ba5d298c20629", NOTICE)
+    CONFIG_LOADED = ("config-loaded", "e5d139f1db6b400cb1cc0484597d5b04", INFO)
+    CONFIG_RELOAD_FAILED = ("config-reload-failed", "adcbafd03e2c480787db604861bb5ada", ERR)
+    STATE_PROBLEM = ("state-problem", "89c11f387c664a06823afca8fd2b86ca", WARNING)
+    SERVER_STARTED = ("server-started", "8bced96ede7648dba3830a08ccb4b926", INFO)
+    SERVER_STOPPING = ("server-stopping", "88c915dcadec4397a8e46a6dc4844024", INFO)
+    ZEROCONF = ("zeroconf", "2a481bb2fcae40b2ade7a8d8905f1182", INFO)
+    SERVER_ERROR = ("server-error", "e8af17faa061477bb2ced5398b03ab93", ERR)
+
+    @property
+    def label(self) -> str:
+        return self.value[0]
+
+    @property
+    def message_id(self) -> str:
+        return self.value[1]
+
+    @property
+    def priority(self) -> int:
+        return self.value[2]
+
+
+def encode_entry(fields: Mapping[str, str]) -> bytes:
+    """The native journal protocol encoding of one entry."""
+    parts: list[bytes] = []
+    for key, value in fields.items():
+        data = value.encode("utf-8", errors="replace")
+        if b"\n" in data:
+            parts.append(key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            parts.append(key.encode() + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+class Journal:
+    """Writes events; ``max_priority`` drops less important ones (``--debuglevel``); ``echo``
+    also prints every written entry on stderr (``--debug``)."""
+
+    def __init__(self, socket_path: Path = DEFAULT_SOCKET, *, max_priority: int = INFO,
+                 echo: bool = False, identifier: str = "mandos",
+                 stream: TextIO | None = None) -> None:
+        self.socket_path = socket_path
+        self.max_priority = max_priority
+        self.echo = echo
+        self.identifier = identifier
+        self._stream = stream
+        self._socket: socket.socket | None = None
+        if socket_path.exists():
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def event(self, event: Event, message: str, *, client: str | None = None,
+              key_id: str | None = None, peer: str | None = None,
+              priority: int | None = None, **extra: str) -> None:
+        """Write one entry for ``event``; ``extra`` become ``MANDOS_<NAME>`` fields."""
+        level = event.priority if priority is None else priority
+        if level > self.max_priority:
+            return
+        fields = {
+            "MESSAGE": message,
+            "PRIORITY": str(level),
+            "SYSLOG_IDENTIFIER": self.identifier,
+            "MESSAGE_ID": event.message_id,
+            "MANDOS_EVENT": event.label,
+        }
+        for name, value in (("MANDOS_CLIENT", client), ("MANDOS_KEY_ID", key_id),
+                            ("MANDOS_PEER", peer)):
+            if value:
+                fields[name] = value
+        for name, value in extra.items():
+            fields[f"MANDOS_{name.upper()}"] = value
+        sent = self._send(fields)
+        if self.echo or not sent:
+            self._print(level, event, message, fields)
+
+    @property
+    def connected(self) -> bool:
+        """Whether entries go to journald (rather than to stderr)."""
+        return self._socket is not None
+
+    def _send(self, fields: Mapping[str, str]) -> bool:
+        if self._socket is None:
+            return False
+        try:
+            self._socket.sendto(encode_entry(fields), str(self.socket_path))
+        except OSError:
+            return False
+        return True
+
+    def _print(self, level: int, event: Event, message: str, fields: Mapping[str, str]) -> None:
+        details = " ".join(
+            f"{key[7:].lower()}={value}" for key, value in fields.items()
+            if key.startswith("MANDOS_") and key != "MANDOS_EVENT"
+        )
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        line = (f"{stamp} {self.identifier}[{os.getpid()}] {_LEVEL_NAMES[level]} "
+                f"{event.label}: {' '.join(message.split())}")
+        if details:
+            line += f" [{details}]"
+        stream = self._stream if self._stream is not None else sys.stderr
+        with contextlib.suppress(OSError, ValueError):
+            print(line, file=stream, flush=True)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,273 @@
+"""Listening sockets, and the handling of each connection.
+
+Sockets come from the service manager (``LISTEN_FDS``), from ``--socket FD``, or are bound
+here (IPv6 dual-stack unless ``--no-ipv6``; ``SO_BINDTODEVICE`` for ``--interface``).  Each
+connection is one asyncio task: read the protocol line with a deadline, run the TLS handshake
+as the TLS *client* with empty credentials (non-blocking GnuTLS driven by the loop) with a
+deadline, look up the peer's key id, let the client decide, send the blob or nothing, then
+close_notify.  A semaphore bounds the connections in progress; the rest wait in the kernel's
+listen backlog.  A silent or garbage-talking peer costs one socket and one timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from mandos_protocol import tls_asyncio
+from mandos_protocol.errors import ProtocolError
+from mandos_protocol.gnutls import Credentials, Priority, Session
+from mandos_protocol.wire import MAX_PROTOCOL_LINE, key_id, parse_protocol_line
+from server.clients import ClientTable
+from server.config import ConfigError
+from server.journal import DEBUG, Event, Journal
+
+#: Deadlines (seconds) for a peer to send its protocol line, to finish the handshake, and to
+#: take the blob and answer close_notify.
+LINE_DEADLINE = 10.0
+HANDSHAKE_DEADLINE = 10.0
+SEND_DEADLINE = 10.0
+#: Connections handled at once; more wait in the listen backlog.
+MAX_CONNECTIONS = 256
+BACKLOG = max(socket.SOMAXCONN, 1024)
+
+
+def bind_socket(address: str, port: int, *, use_ipv6: bool = True,
+                interface: str = "") -> socket.socket:
+    """A listening TCP socket as upstream binds it: IPv6 (dual-stack) unless ``use_ipv6`` is
+    false; an IPv4 address with IPv6 is used as ``::ffff:a.b.c.d``."""
+    family = socket.AF_INET6 if use_ipv6 else socket.AF_INET
+    host = address or ("::" if use_ipv6 else "0.0.0.0")
+    try:
+        parsed = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        raise ConfigError(f"address {address!r} is not an IP address") from None
+    if use_ipv6 and parsed.version == 4:
+        host = f"::ffff:{host}"
+    elif not use_ipv6 and parsed.version == 6:
+        raise ConfigError(f"address {address!r} is IPv6, but IPv6 is off (--no-ipv6)")
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if use_ipv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if interface:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                interface.encode() + b"\0")
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot bind to interface {interface!r}: {error.strerror}") from None
+        target: tuple[Any, ...]
+        if use_ipv6:
+            scope = socket.if_nametoindex(interface) if interface and parsed.is_link_local else 0
+            target = (host.split("%")[0], port, 0, scope)
+            if "%" in host:
+                target = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]
+        else:
+            target = (host, port)
+        try:
+            sock.bind(target)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {address or host} port {port}: "
+                              f"{error.strerror}") from None
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def adopt_socket(fd: int) -> socket.socket:
+    """``--socket FD``: an inherited socket, made to listen (fds 0-2 are duplicated first, as
+    upstream does, so that they can be reopened on /dev/null)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        raise ConfigError(f"--socket {fd}: not a socket: {error.strerror}") from None
+    if fd <= 2:
+        duplicate = sock.dup()
+        sock.detach()
+        sock = duplicate
+    sock.set_inheritable(False)
+    sock.listen(BACKLOG)
+    return sock
+
+
+def format_peer(address: object) -> str:
+    """The peer's IP address (an IPv4-mapped IPv6 address as plain IPv4)."""
+    if isinstance(address, tuple) and address:
+        host = str(address[0])
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.ip_address(host.split("%")[0])
+            if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+                return str(mapped.ipv4_mapped)
+        return host
+    return str(address) or "local"
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def read_protocol_line(sock: socket.socket) -> bytes:
+    """The first line, up to and including ``\\n``, never reading past it (the TLS handshake
+    follows) and never more than MAX_PROTOCOL_LINE bytes."""
+    line = b""
+    while True:
+        try:
+            peeked = sock.recv(MAX_PROTOCOL_LINE - len(line), socket.MSG_PEEK)
+        except BlockingIOError:
+            await _readable(sock.fileno())
+            continue
+        if not peeked:
+            raise ProtocolError("the peer closed the connection before the protocol line")
+        end = peeked.find(b"\n")
+        if end >= 0:
+            return line + sock.recv(end + 1)
+        line += sock.recv(len(peeked))
+        if len(line) >= MAX_PROTOCOL_LINE:
+            raise ProtocolError("protocol line too long")
+        await _readable(sock.fileno())
+
+
+class Listener:
+    """Accepts connections on the listening sockets and hands out secrets."""
+
+    def __init__(self, sockets: list[socket.socket], clients: Callable[[], ClientTable],
+                 journal: Journal, priority: Priority, *,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.sockets = sockets
+        self.clients = clients
+        self.journal = journal
+        self.priority = priority
+        self.credentials = Credentials()
+        self._slots = asyncio.Semaphore(max_connections)
+        self._accepting: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            sock.setblocking(False)
+            self._accepting.append(loop.create_task(self._accept_loop(sock)))
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                connection, address = await loop.sock_accept(sock)
+            except OSError as error:
+                self._slots.release()
+                self.journal.event(Event.SERVER_ERROR, f"accept() failed: {error.strerror}")
+                await asyncio.sleep(0.1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._handle(connection, format_peer(address)))
+            self._connections.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        self._slots.release()
+
+    async def _handle(self, connection: socket.socket, peer: str) -> None:
+        with connection:
+            connection.setblocking(False)
+            if connection.family in (socket.AF_INET, socket.AF_INET6):
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(LINE_DEADLINE):
+                    parse_protocol_line(await read_protocol_line(connection))
+            except (ProtocolError, TimeoutError, OSError) as error:
+                self._failed(peer, "before TLS", error)
+                return
+            fd = connection.fileno()
+            with Session.for_mandos_server(fd, self.credentials, self.priority,
+                                           nonblocking=True) as session:
+                try:
+                    async with asyncio.timeout(HANDSHAKE_DEADLINE):
+                        await tls_asyncio.run(session, fd, session.handshake)
+                    peer_key = key_id(session.peer_public_key())
+                except (ProtocolError, TimeoutError, OSError) as error:
+                    self._failed(peer, "in the TLS handshake", error)
+                    return
+                await self._serve(session, fd, peer, peer_key)
+
+    async def _serve(self, session: Session, fd: int, peer: str, peer_key: str) -> None:
+        """Decide and send, then close_notify (also after every refusal)."""
+        cancelled = False
+        try:
+            client = self.clients().lookup(peer_key)
+            if client is None:
+                self.journal.event(Event.CLIENT_NOT_FOUND,
+                                   f"Client not found for key ID {peer_key}",
+                                   key_id=peer_key, peer=peer)
+                return
+            secret = await client.authorize(peer)
+            if secret is None:
+                return
+            view = memoryview(secret)
+            async with asyncio.timeout(SEND_DEADLINE):
+                while view:
+                    sent = await tls_asyncio.run(session, fd,
+                                                 functools.partial(session.send, view))
+                    view = view[sent:]
+            client.secret_sent(peer)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        except (ProtocolError, TimeoutError, OSError) as error:
+            self._failed(peer, "while sending", error, key=peer_key)
+        finally:
+            await self._bye(session, fd, quick=cancelled)
+
+    async def _bye(self, session: Session, fd: int, *, quick: bool) -> None:
+        """close_notify, waiting (with a deadline) for the peer's unless we are stopping."""
+        with contextlib.suppress(ProtocolError, BlockingIOError, OSError, TimeoutError):
+            if quick:
+                session.bye(wait_for_peer=False)
+                return
+            async with asyncio.timeout(SEND_DEADLINE):
+                await tls_asyncio.run(session, fd, session.bye)
+
+    def _failed(self, peer: str, where: str, error: BaseException, *, key: str = "") -> None:
+        reason = str(error) or "timed out"
+        self.journal.event(Event.CONNECTION_FAILED, f"Connection from {peer} failed {where}: "
+                           f"{reason}", peer=peer, key_id=key or None, priority=DEBUG
+                           if where == "before TLS" else None)
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting and end every connection now (requests waiting for approval
+        included)."""
+        tasks = [*self._accepting, *self._connections]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._accepting.clear()
+        for sock in self.sockets:
+            sock.close()
+        self.credentials.close()

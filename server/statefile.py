@@ -1,0 +1,243 @@
+"""The state file: what must survive a restart, as JSON in the state directory.
+
+``<statedir>/clients.json`` (mode 0600) holds, per client, its :class:`ClientState`, the
+settings in force and the configuration as it was read, so that at the next start the merge
+can tell which settings were changed in the file since (reference/mandos-protocol.md §7):
+
+* clients no longer in the configuration are dropped, new ones start from the configuration;
+* a setting whose configured value changed since the last run takes the configured value,
+  otherwise the saved value (perhaps changed at run time) wins;
+* an enabled client whose ``expires`` has passed stays enabled (``expires = now + timeout``)
+  only if its last checker succeeded; otherwise it is disabled with a warning.
+
+The secret is not stored: the configuration has it.  Writes are atomic (a temporary file in
+the same directory, fsync, rename, fsync of the directory).  A corrupt file is moved aside to
+``clients.json.corrupt-<time>`` with a warning; it never stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.clients import Client, ClientState, utcnow
+from server.config import ClientConfig
+
+FILENAME = "clients.json"
+FORMAT = 1
+
+#: ClientConfig fields that are stored and merged (not the name, which is the key, nor the
+#: secret, which only the configuration holds).
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(ClientConfig)
+                       if f.name not in ("name", "secret"))
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message says why (it is logged, never fatal)."""
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return value
+
+
+def settings_to_json(settings: ClientConfig) -> dict[str, object]:
+    return {name: _encode(getattr(settings, name)) for name in SETTING_FIELDS}
+
+
+def state_to_json(state: ClientState) -> dict[str, object]:
+    return {f.name: _encode(getattr(state, f.name)) for f in dataclasses.fields(state)}
+
+
+def _decode_settings(data: Mapping[str, Any], base: ClientConfig) -> dict[str, object]:
+    """Saved setting values, typed like those of ``base``; unknown or ill-typed ones skipped."""
+    values: dict[str, object] = {}
+    for name in SETTING_FIELDS:
+        if name not in data:
+            continue
+        current, saved = getattr(base, name), data[name]
+        if isinstance(current, datetime.timedelta) and isinstance(saved, int | float):
+            values[name] = datetime.timedelta(seconds=saved)
+        elif type(current) is type(saved):
+            values[name] = saved
+    return values
+
+
+def _datetime(value: object) -> datetime.datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise StateError(f"bad timestamp {value!r}")
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise StateError(f"bad timestamp {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when
+
+
+def _decode_state(data: Mapping[str, Any]) -> ClientState:
+    try:
+        created = _datetime(data["created"])
+        status = data.get("last_checker_status", -2)
+        if created is None or not isinstance(status, int) or not isinstance(data["enabled"],
+                                                                            bool):
+            raise StateError("bad client state")
+        return ClientState(
+            enabled=data["enabled"],
+            created=created,
+            last_enabled=_datetime(data.get("last_enabled")),
+            expires=_datetime(data.get("expires")),
+            last_checked_ok=_datetime(data.get("last_checked_ok")),
+            last_checker_status=status,
+            last_approval_request=_datetime(data.get("last_approval_request")),
+            last_secret_sent=_datetime(data.get("last_secret_sent")),
+        )
+    except (KeyError, TypeError, AttributeError):
+        raise StateError("bad client state") from None
+
+
+@dataclass(frozen=True)
+class SavedClient:
+    """One client as the state file has it."""
+
+    config: Mapping[str, Any]  # the configuration as read when saved (JSON form)
+    settings: Mapping[str, Any]  # the settings in force when saved (JSON form)
+    state: ClientState
+
+
+@dataclass(frozen=True)
+class Restored:
+    """One client to create: its settings in force and its state."""
+
+    settings: ClientConfig
+    state: ClientState
+
+
+class StateFile:
+    """Load, merge and save ``<statedir>/clients.json``."""
+
+    def __init__(self, directory: Path, warn: Callable[[str], None]) -> None:
+        self.directory = directory
+        self.path = directory / FILENAME
+        self.warn = warn
+
+    def load(self) -> dict[str, SavedClient]:
+        """The saved clients; {} if there is no file; a corrupt file is moved aside."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as error:
+            self.warn(f"Cannot read state file {self.path}: {error}; starting from the "
+                      "configuration")
+            return {}
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise StateError("unknown format")
+            clients = data["clients"]
+            if not isinstance(clients, dict):
+                raise StateError("no clients")
+            return {
+                name: SavedClient(config=dict(entry["config"]), settings=dict(entry["settings"]),
+                                  state=_decode_state(entry["state"]))
+                for name, entry in clients.items()
+            }
+        except (ValueError, KeyError, TypeError, StateError) as error:
+            aside = self.path.with_name(
+                f"{FILENAME}.corrupt-{utcnow().strftime('%Y%m%dT%H%M%SZ')}")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            self.warn(f"State file {self.path} is corrupt ({error}); moved it to {aside} and "
+                      "started from the configuration")
+            return {}
+
+    def restore(self, configs: Mapping[str, ClientConfig], saved: Mapping[str, SavedClient],
+                now: datetime.datetime) -> dict[str, Restored]:
+        """Merge the configuration with the saved state (see the module docstring)."""
+        result: dict[str, Restored] = {}
+        for name, config in configs.items():
+            entry = saved.get(name)
+            if entry is None:
+                result[name] = Restored(config, fresh_state(config, now))
+                continue
+            current = settings_to_json(config)
+            kept = _decode_settings(
+                {key: value for key, value in entry.settings.items()
+                 if key in entry.config and entry.config[key] == current.get(key)},
+                config,
+            )
+            kept.pop("enabled", None)
+            state = dataclasses.replace(entry.state)
+            if entry.config.get("enabled") != config.enabled:
+                state.enabled = config.enabled
+                state.expires = now + config.timeout if config.enabled else None
+            settings = dataclasses.replace(config, **kept)  # type: ignore[arg-type]
+            if state.enabled and (state.expires is None or state.expires <= now):
+                if state.last_checked_ok is None:
+                    self.warn(f"Disabling client {name}: it never had a successful checker")
+                    state.enabled, state.expires = False, None
+                elif state.last_checker_status != 0:
+                    self.warn(f"Disabling client {name}: its last checker failed with status "
+                              f"{state.last_checker_status}")
+                    state.enabled, state.expires = False, None
+                else:
+                    state.expires = now + settings.timeout
+            result[name] = Restored(settings, state)
+        return result
+
+    def save(self, clients: Iterable[Client], configs: Mapping[str, ClientConfig]) -> None:
+        """Write the file atomically; ``configs`` is the configuration as last read."""
+        document = {
+            "format": FORMAT,
+            "clients": {
+                client.name: {
+                    "config": settings_to_json(configs[client.name]),
+                    "settings": settings_to_json(client.settings),
+                    "state": state_to_json(client.state),
+                }
+                for client in clients if client.name in configs
+            },
+        }
+        data = json.dumps(document, indent=1, sort_keys=True).encode()
+        descriptor, temporary = tempfile.mkstemp(prefix=".clients-", suffix=".tmp",
+                                                 dir=self.directory)
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                os.fchmod(stream.fileno(), 0o600)
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def fresh_state(config: ClientConfig, now: datetime.datetime) -> ClientState:
+    """The state of a client that the state file does not know."""
+    return ClientState(
+        enabled=config.enabled,
+        created=now,
+        last_enabled=now if config.enabled else None,
+        expires=now + config.timeout if config.enabled else None,
+    )
