@@ -14,12 +14,20 @@ import re
 
 from mandos_protocol.errors import ProtocolError
 
-_RFC3339 = re.compile(
-    r"""P(?:(?P<weeks>\d+)W
-        |(?=\d|T\d)(?:(?P<years>\d+)Y)?(?:(?P<months>\d+)M)?(?:(?P<days>\d+)D)?
-         (?:T(?=\d)(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+)S)?)?)""",
-    re.VERBOSE,
-)
+#: Upstream's RFC 3339 grammar is a chain: after ``P`` a token may only be followed by the tokens
+#: listed here ("" is the end).  So ``P1DT3M20S`` is valid but ``PT1H1S`` (H then S) and
+#: ``P1Y1D`` (Y then D) are not, and ``T`` must be followed by a time unit.
+_FOLLOWERS = {
+    "P": ("Y", "M", "D", "T", "W"), "Y": ("M", ""), "M": ("D", ""), "D": ("T", ""),
+    "T": ("H", "TM", "S"), "H": ("TM", ""), "TM": ("S", ""), "S": ("",), "W": ("",),
+}
+_TOKEN = re.compile(r"(\d+)([YMDWHS])|T")
+_RFC3339_UNIT = {
+    "Y": datetime.timedelta(weeks=52), "M": datetime.timedelta(weeks=4),
+    "D": datetime.timedelta(days=1), "W": datetime.timedelta(weeks=1),
+    "H": datetime.timedelta(hours=1), "TM": datetime.timedelta(minutes=1),
+    "S": datetime.timedelta(seconds=1),
+}
 _UNIT = {
     "s": datetime.timedelta(seconds=1),
     "m": datetime.timedelta(minutes=1),
@@ -29,27 +37,44 @@ _UNIT = {
 }
 
 
+def _parse_rfc3339(text: str) -> datetime.timedelta | None:
+    """Upstream's ``rfc3339_duration_to_delta``, or None where it raises ValueError."""
+    if not text.startswith("P"):
+        return None
+    state, position, total = "P", 1, datetime.timedelta()
+    while text[position:] not in ("", "\n"):  # upstream's end token is r"$"
+        match = _TOKEN.match(text, position)
+        if match is None:
+            return None
+        token = "T" if match[0] == "T" else match[2]
+        if token == "M" and state in ("T", "H"):
+            token = "TM"
+        if token not in _FOLLOWERS[state]:
+            return None
+        if match[1] is not None:
+            try:
+                total += int(match[1]) * _RFC3339_UNIT[token]
+            except OverflowError:  # upstream crashes; we refuse below
+                return None
+        state, position = token, match.end()
+    return total if "" in _FOLLOWERS[state] else None
+
+
 def parse_duration(text: str) -> datetime.timedelta:
     """Parse a duration in either of upstream's forms, or raise :class:`ProtocolError`."""
-    match = _RFC3339.fullmatch(text)
-    if match:
-        p = {k: int(v) for k, v in match.groupdict().items() if v is not None}
-        return datetime.timedelta(
-            weeks=p.get("weeks", 0) + 52 * p.get("years", 0) + 4 * p.get("months", 0),
-            days=p.get("days", 0),
-            hours=p.get("hours", 0),
-            minutes=p.get("minutes", 0),
-            seconds=p.get("seconds", 0),
-        )
+    delta = _parse_rfc3339(text)
+    if delta is not None:
+        return delta
     total = datetime.timedelta()
     for token in text.split():
         number, unit = token[:-1], token[-1]
-        if unit not in _UNIT or not number.isascii() or not number.lstrip("+-").isdigit():
+        try:
+            total += int(number) * _UNIT[unit]
+        except (KeyError, ValueError, OverflowError):
             raise ProtocolError(
                 f"invalid duration {text!r}: write it as RFC 3339 (PT5M, P1DT2H, P1W) "
                 "or as a list like '5m 30s' (units s m h d w)"
-            )
-        total += int(number) * _UNIT[unit]
+            ) from None
     return total
 
 
@@ -62,7 +87,10 @@ def format_rfc3339(delta: datetime.timedelta) -> str:
     hours, seconds = divmod(seconds, 3600)
     minutes, seconds = divmod(seconds, 60)
     date = f"{days}D" if days else ""
-    time = "".join(f"{v}{u}" for v, u in ((hours, "H"), (minutes, "M"), (seconds, "S")) if v)
+    # Upstream's chain: H may only be followed by M, so "PT1H0M1S", never "PT1H1S".
+    units = [(hours, "H"), (minutes, "M"), (seconds, "S")]
+    used = [i for i, (value, _) in enumerate(units) if value]
+    time = "".join(f"{v}{u}" for v, u in units[used[0]:used[-1] + 1]) if used else ""
     if not date and not time:
         return "PT0S"
     return "P" + date + ("T" + time if time else "")

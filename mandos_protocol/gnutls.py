@@ -258,20 +258,19 @@ class Session:
         flags |= _GNUTLS_CLIENT if role is Role.MANDOS_SERVER else _GNUTLS_SERVER
         if nonblocking:
             flags |= _GNUTLS_NONBLOCK
+        self._nonblocking = nonblocking
         self.role = role
         self._credentials = credentials
         self._priority = priority
         self._handle = ctypes.c_void_p()
+        self._buffer: Any = None
         code = lib.gnutls_init(ctypes.byref(self._handle), flags)
         if code < 0:
             raise self._gnutls.error(code, "session set-up")
         try:
-            self._check(lib.gnutls_priority_set(self._handle, priority.handle), "priority set-up")
-            self._check(
-                lib.gnutls_credentials_set(self._handle, _GNUTLS_CRD_CERTIFICATE,
-                                           credentials.handle),
-                "credential set-up",
-            )
+            self._call("priority set-up", lib.gnutls_priority_set, priority.handle)
+            self._call("credential set-up", lib.gnutls_credentials_set,
+                       _GNUTLS_CRD_CERTIFICATE, credentials.handle)
         except ProtocolError:
             self.close()
             raise
@@ -280,7 +279,6 @@ class Session:
             milliseconds = max(1, int(timeout * 1000))
             lib.gnutls_handshake_set_timeout(self._handle, milliseconds)
             lib.gnutls_record_set_timeout(self._handle, milliseconds)
-        self._buffer: Any = None
 
     @classmethod
     def for_mandos_server(cls, fd: int, credentials: Credentials, priority: Priority,
@@ -306,20 +304,29 @@ class Session:
         """After a :class:`BlockingIOError`: whether GnuTLS waits to write (else to read)."""
         return bool(self._gnutls.lib.gnutls_record_get_direction(self.handle))
 
-    def _check(self, code: int, doing: str) -> int:
-        if code >= 0:
-            return code
-        if code in (_E_AGAIN, _E_INTERRUPTED):
-            raise BlockingIOError(f"TLS {doing} would block")
-        if code == _E_TIMEDOUT:
-            raise ProtocolError(f"TLS {doing} timed out")
-        if code == _E_PREMATURE_TERMINATION:
-            raise ProtocolError(f"TLS {doing} failed: the peer closed the connection")
-        raise self._gnutls.error(code, doing)
+    def _call(self, doing: str, function: Any, *args: Any) -> int:
+        """Call a GnuTLS function on this session and map its errors.
+
+        A blocking session retries a call a signal interrupted; a non-blocking one raises
+        :class:`BlockingIOError` for its driver to wait and call again.
+        """
+        while True:
+            code: int = function(self.handle, *args)
+            if code >= 0:
+                return code
+            if code == _E_INTERRUPTED and not self._nonblocking:
+                continue
+            if code in (_E_AGAIN, _E_INTERRUPTED):
+                raise BlockingIOError(f"TLS {doing} would block")
+            if code == _E_TIMEDOUT:
+                raise ProtocolError(f"TLS {doing} timed out")
+            if code == _E_PREMATURE_TERMINATION:
+                raise ProtocolError(f"TLS {doing} failed: the peer closed the connection")
+            raise self._gnutls.error(code, doing)
 
     def handshake(self) -> None:
         """Run (or continue) the handshake."""
-        self._check(self._gnutls.lib.gnutls_handshake(self.handle), "handshake")
+        self._call("handshake", self._gnutls.lib.gnutls_handshake)
 
     def peer_public_key(self) -> bytes:
         """The peer's DER SubjectPublicKeyInfo; :class:`ProtocolError` if it sent no raw public
@@ -339,9 +346,7 @@ class Session:
         if not view:
             return 0
         buffer = (ctypes.c_char * len(view)).from_buffer_copy(view)
-        return self._check(
-            self._gnutls.lib.gnutls_record_send(self.handle, buffer, len(view)), "send"
-        )
+        return self._call("send", self._gnutls.lib.gnutls_record_send, buffer, len(view))
 
     def send_all(self, data: bytes) -> None:
         """Send all of ``data`` (blocking sessions)."""
@@ -353,9 +358,7 @@ class Session:
         """Receive up to ``size`` bytes; ``b""`` means the peer sent close_notify."""
         if self._buffer is None or len(self._buffer) < size:
             self._buffer = ctypes.create_string_buffer(size)
-        received = self._check(
-            self._gnutls.lib.gnutls_record_recv(self.handle, self._buffer, size), "receive"
-        )
+        received = self._call("receive", self._gnutls.lib.gnutls_record_recv, self._buffer, size)
         return self._buffer.raw[:received]
 
     def recv_all(self, limit: int) -> bytes:
@@ -373,7 +376,7 @@ class Session:
     def bye(self, *, wait_for_peer: bool = True) -> None:
         """Send close_notify; with ``wait_for_peer``, also wait for the peer's."""
         how = _GNUTLS_SHUT_RDWR if wait_for_peer else _GNUTLS_SHUT_WR
-        self._check(self._gnutls.lib.gnutls_bye(self.handle, how), "shutdown")
+        self._call("shutdown", self._gnutls.lib.gnutls_bye, how)
 
     def close(self) -> None:
         """Free the session (not the socket)."""

@@ -1,0 +1,119 @@
+"""Fixtures shared by all tests: real peers from :mod:`tests.peers`, started per test (or once per
+session when they are expensive and stateless, like upstream key sets)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.peers import upstream
+from tests.peers.ask import AskNamespace
+from tests.peers.dbus import PrivateSystemBus
+from tests.peers.journald import JOURNALD, PrivateJournal
+from tests.peers.netns import VethPair
+
+#: Programs the peers need; ./dev setup installs every one of them.
+PEER_PROGRAMS = (
+    upstream.MANDOS, upstream.MANDOS_KEYGEN, upstream.MANDOS_CTL, upstream.MANDOS_CLIENT,
+    JOURNALD, "certtool", "gpg", "dbus-daemon", "ip", "unshare", "nsenter", "timeout",
+    "journalctl", "systemd-ask-password", "fping",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _peers_present() -> None:
+    """Fail (not skip) every test when the test machine is not set up: a skipped suite would
+    look green."""
+    if os.geteuid() != 0:
+        pytest.fail("the tests run as root (network namespaces, mounts, upstream mandos)",
+                    pytrace=False)
+    missing = [program for program in PEER_PROGRAMS if shutil.which(program) is None]
+    if missing:
+        pytest.fail(f"missing peer programs {', '.join(missing)}: run ./dev setup",
+                    pytrace=False)
+
+
+@pytest.fixture
+def tmp_private(tmp_path: Path) -> Path:
+    """A directory only root can enter, for secrets and keys."""
+    directory = tmp_path / "private"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+@dataclass(frozen=True)
+class UpstreamClient:
+    """A client as upstream's keygen makes it: keys, its ``clients.conf`` section and the
+    password inside the section's blob."""
+
+    name: str
+    keys: upstream.KeySet
+    password: bytes
+    section: str
+
+    @property
+    def secret(self) -> bytes:
+        """The OpenPGP blob a server hands out (the section's base64-decoded ``secret``)."""
+        return upstream.section_secret(self.section)
+
+
+@pytest.fixture(scope="session")
+def upstream_key_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], upstream.KeySet]:
+    """``make(name)``: a key set made by upstream's keygen, one per name for the session
+    (each takes a few seconds: RSA-4096)."""
+    made: dict[str, upstream.KeySet] = {}
+
+    def make(name: str) -> upstream.KeySet:
+        if name not in made:
+            directory = tmp_path_factory.mktemp(f"keys-{name}")
+            directory.chmod(0o700)
+            made[name] = upstream.make_upstream_keys(directory, name)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def upstream_keys(upstream_key_factory: Callable[[str], upstream.KeySet]) -> upstream.KeySet:
+    """The session's one upstream key set (name ``test-client``)."""
+    return upstream_key_factory("test-client")
+
+
+@pytest.fixture(scope="session")
+def upstream_client(upstream_keys: upstream.KeySet) -> UpstreamClient:
+    """``upstream_keys`` with a section whose blob holds a password (with a space and a
+    non-ASCII letter, but nothing that systemd-ask-password would cut off)."""
+    password = "upstream secret pässword".encode()
+    section = upstream.upstream_section(upstream_keys, "test-client", password)
+    return UpstreamClient("test-client", upstream_keys, password, section)
+
+
+@pytest.fixture
+def private_bus() -> Iterator[PrivateSystemBus]:
+    with PrivateSystemBus() as bus:
+        yield bus
+
+
+@pytest.fixture
+def veth_pair() -> Iterator[VethPair]:
+    with VethPair() as pair:
+        yield pair
+
+
+@pytest.fixture
+def private_journal() -> Iterator[PrivateJournal]:
+    with PrivateJournal() as journal:
+        yield journal
+
+
+@pytest.fixture
+def ask_namespace() -> Iterator[AskNamespace]:
+    with AskNamespace() as namespace:
+        yield namespace
