@@ -117,3 +117,20 @@ def private_journal() -> Iterator[PrivateJournal]:
 def ask_namespace() -> Iterator[AskNamespace]:
     with AskNamespace() as namespace:
         yield namespace
+
+
+class Keys:
+    """Two upstream key sets (``foo`` and ``bar``) and their clients.conf sections."""
+
+    def __init__(self, foo: upstream.KeySet, bar: upstream.KeySet) -> None:
+        self.password = b"correct horse battery staple"
+        self.foo = foo
+        self.bar = bar
+        self.foo_section = upstream.upstream_section(self.foo, "foo", self.password)
+        self.bar_section = upstream.upstream_section(self.bar, "bar", b"bar password")
+
+
+@pytest.fixture(scope="session")
+def keys(upstream_key_factory: Callable[[str], upstream.KeySet]) -> Keys:
+    """Made once per session, from the conftest's upstream key factory."""
+    return Keys(upstream_key_factory("foo"), upstream_key_factory("bar"))

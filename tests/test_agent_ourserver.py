@@ -13,8 +13,8 @@ pytest.importorskip("server.cli")
 
 from tests.conftest import UpstreamClient
 from tests.peers.ask import AskNamespace, AskPassword
+from tests.peers.ours import OurServer, clients_conf
 from tests.test_agent_interop import AgentRun
-from tests.test_server_support import OurServer, clients_conf
 
 pytestmark = pytest.mark.interop
 

@@ -19,7 +19,7 @@ from server.config import ClientConfig
 from server.journal import Event, Journal, encode_entry
 from server.listener import Listener, bind_socket
 from server.statefile import StateFile, fresh_state
-from tests.test_server_support import JournalSink, parse_native
+from tests.peers.ours import JournalSink, parse_native
 
 SECRET = b"\x85\x02 an OpenPGP blob"
 

@@ -12,7 +12,7 @@ import pytest
 
 from mandos_protocol.wire import DEFAULT_PRIORITY, EMPTY_KEY_ID
 from server.config import ConfigError, load_clients, load_server_settings
-from tests.test_server_support import REPO, SERVER
+from tests.peers.ours import REPO, SERVER
 
 KEY_A = "a" * 64
 KEY_B = "B" * 64

@@ -8,17 +8,9 @@ import time
 
 import pytest
 
+from tests.conftest import Keys
+from tests.peers.ours import OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import run_upstream_client, section_secret
-from tests.test_server_support import (
-    Keys,
-    OurServer,
-    clients_conf,
-    fetch,
-    keys,
-    set_options,
-)
-
-__all__ = ["keys"]  # a fixture
 
 pytestmark = pytest.mark.interop
 

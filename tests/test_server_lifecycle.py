@@ -13,22 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Keys
+from tests.peers.ours import OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import (
     kill_process_group,
     run_upstream_client,
     section_secret,
     upstream_client_argv,
 )
-from tests.test_server_support import (
-    Keys,
-    OurServer,
-    clients_conf,
-    fetch,
-    keys,
-    set_options,
-)
-
-__all__ = ["keys"]  # a fixture
 
 
 def hand_section(keys: Keys, name: str = "foo", **options: str) -> str:

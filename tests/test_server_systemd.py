@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from server.journal import Event
+from tests.conftest import Keys
 from tests.peers.journald import PrivateJournal
+from tests.peers.ours import REPO, OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import (
     KeySet,
     free_port,
@@ -25,17 +27,6 @@ from tests.peers.upstream import (
     run_upstream_client,
     section_secret,
 )
-from tests.test_server_support import (
-    REPO,
-    Keys,
-    OurServer,
-    clients_conf,
-    fetch,
-    keys,
-    set_options,
-)
-
-__all__ = ["keys"]  # a fixture
 
 UNITS = REPO / "units"
 

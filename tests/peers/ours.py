@@ -1,9 +1,7 @@
-"""Shared helpers for the server tests: our server as a subprocess, a journal sink that
-parses the native journal protocol, and a small Mandos client on our own GnuTLS binding for
-fast checks of "got the blob / got nothing" (the real mandos-client covers interop).
-
-It holds no tests itself; its name only keeps it among the server engineer's files.
-"""
+"""Our own server as a peer: ``mandos-server`` as a subprocess in a temporary config and state
+directory, a journal sink that parses the native journal protocol, and a small Mandos client on
+our own GnuTLS binding for fast checks of "got the blob / got nothing" (the real mandos-client
+covers interop)."""
 
 from __future__ import annotations
 
@@ -17,23 +15,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-import pytest
-
 from mandos_protocol.gnutls import Credentials, Priority, Session
 from mandos_protocol.wire import PROTOCOL_LINE
-from tests.peers.upstream import (
-    KeySet,
-    free_port,
-    listening_ports,
-    upstream_section,
-)
+from tests.peers.upstream import KeySet, free_port, listening_ports
 
 SERVER = [sys.executable, "-m", "server"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def parse_native(data: bytes) -> dict[str, str]:
@@ -229,23 +220,6 @@ def fetch(keys: KeySet, address: str, port: int, timeout: float = 5.0) -> bytes:
             data = tls.recv_all(1 << 20)
             tls.bye()
             return data
-
-
-class Keys:
-    """Two upstream key sets (``foo`` and ``bar``) and their clients.conf sections."""
-
-    def __init__(self, foo: KeySet, bar: KeySet) -> None:
-        self.password = b"correct horse battery staple"
-        self.foo = foo
-        self.bar = bar
-        self.foo_section = upstream_section(self.foo, "foo", self.password)
-        self.bar_section = upstream_section(self.bar, "bar", b"bar password")
-
-
-@pytest.fixture(scope="session")
-def keys(upstream_key_factory: Callable[[str], KeySet]) -> Keys:
-    """Made once per session, from the conftest's upstream key factory."""
-    return Keys(upstream_key_factory("foo"), upstream_key_factory("bar"))
 
 
 def clients_conf(*sections: str, defaults: str = "checker = /bin/true\n") -> str:
