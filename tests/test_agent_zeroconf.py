@@ -17,8 +17,8 @@ import pytest
 from tests.conftest import UpstreamClient
 from tests.peers.ask import FakeRequester
 from tests.peers.netns import VethPair
+from tests.peers.zeroconf import PORT, Announcement
 from tests.test_agent_interop import AgentRun
-from tests.test_zeroconf_interop import PORT, Announcement
 
 pytestmark = pytest.mark.interop
 

@@ -1,0 +1,215 @@
+"""Zeroconf peers for tests: our announcing programs (:mod:`tests.peers.zeroconf_peer`) run in a
+network namespace, a private avahi-daemon for upstream's own announcement, and a browser that
+waits for names to appear.  Recipes and timings are in /work/shared/reference/zeroconf.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from tests.peers.dbus import PrivateSystemBus
+from tests.peers.netns import Side, VethPair
+from tests.peers.upstream import kill_process_group
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PORT = 49901
+_READY_TIMEOUT = 15.0
+
+
+def peer_argv(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "tests.peers.zeroconf_peer", *arguments]
+
+
+def run_peer(side: Side, arguments: Sequence[str], timeout: float) -> str:
+    """Run a one-shot :mod:`tests.peers.zeroconf_peer` command in ``side``'s namespace; its
+    stdout."""
+    result = subprocess.run(VethPair.wrap(side, peer_argv(*arguments)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def names_seen(side: Side, wanted: set[str]) -> dict[str, Any]:
+    """Browse from ``side`` (one second at a time: a responder may hold back an answer for a
+    second after announcing) until every name in ``wanted`` is seen; the last view, which
+    fails the caller's checks if something never appeared."""
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while True:
+        seen: dict[str, Any] = json.loads(run_peer(side, ["names", "1"], timeout=20))
+        if wanted <= seen.keys() or time.monotonic() > deadline:
+            return seen
+
+
+class Announcing:
+    """One of our announcing programs in ``side``'s namespace, in its own process group, with
+    its output in a file; ``with`` waits until ``ready`` is in the output (``failed`` in it, or
+    the program's exit, fails the test).
+
+    It runs in a UTS namespace of its own with the host name :attr:`hostname` (``zc-<netns>``):
+    the namespaces share the host's name otherwise, and two announcers on one link would then
+    answer for the same ``<hostname>.local.``, mixing their addresses.
+    """
+
+    def __init__(self, side: Side, argv: Sequence[str], ready: str, failed: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.hostname = f"zc-{side.netns}"
+        self.argv = VethPair.wrap(side, ["unshare", "--uts", "sh", "-c",
+                                         'hostname "$0" && exec "$@"', self.hostname, *argv])
+        self.ready = ready
+        self.failed = failed
+        self.env = env
+        self.directory = Path(tempfile.mkdtemp(prefix="mandos-test-zeroconf-"))
+        self.output_path = self.directory / "output"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        try:
+            return self.output_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Self:
+        try:
+            with open(self.output_path, "wb") as output:
+                self._process = subprocess.Popen(
+                    self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=output,
+                    stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            deadline = time.monotonic() + _READY_TIMEOUT
+            while self.ready not in (text := self.output()):
+                if self.failed in text or self._process.poll() is not None:
+                    raise AssertionError(f"announcing failed:\n{text}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"announcing took too long:\n{text}")
+                time.sleep(0.02)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            kill_process_group(self._process)
+            self._process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._stop()
+
+
+class Announcement(Announcing):
+    """``tests.peers.zeroconf_peer announce``: our Announcer (plus, with ``serve``, the library's
+    server role handing the blob in ``serve[1]`` to key id ``serve[0]``); :attr:`name` is the
+    name it registered."""
+
+    def __init__(self, side: Side, port: int, *, name: str = "Mandos",
+                 serve: tuple[str, Path] | None = None) -> None:
+        arguments = ["announce", str(port), "--name", name, "--interface", side.interface]
+        if serve is not None:
+            arguments += ["--key-id", serve[0], "--secret-file", str(serve[1])]
+        super().__init__(side, peer_argv(*arguments), ready="REGISTERED ", failed="FAILED")
+
+    @property
+    def name(self) -> str:
+        (line,) = (line for line in self.output().splitlines() if line.startswith("REGISTERED "))
+        return line.removeprefix("REGISTERED ")
+
+
+class OurServerInNamespace(Announcing):
+    """Our real server (``python -m server``) in ``side``'s namespace with Zeroconf on, bound to
+    the veth interface; its journal events go to its output (the journal socket given does not
+    exist)."""
+
+    def __init__(self, side: Side, clients: str, directory: Path) -> None:
+        configdir, statedir = directory / "conf", directory / "state"
+        configdir.mkdir()
+        statedir.mkdir(mode=0o700)
+        (configdir / "mandos.conf").write_text("[DEFAULT]\n")
+        (configdir / "clients.conf").write_text(f"[DEFAULT]\nchecker = /bin/true\n\n{clients}")
+        argv = [sys.executable, "-m", "server", f"--configdir={configdir}",
+                f"--statedir={statedir}", f"--interface={side.interface}", f"--port={PORT}",
+                "--no-dbus", "--no-restore", "--debug"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT),
+               "MANDOS_JOURNAL_SOCKET": str(directory / "no-journal")}
+        super().__init__(side, argv, ready="established on port", failed="Zeroconf regis",
+                         env=env)
+
+
+_AVAHI_CONFIG = """[server]
+host-name=mandos-avahi
+domain-name=local
+use-ipv4=yes
+use-ipv6=yes
+allow-interfaces={interface}
+enable-dbus=yes
+ratelimit-interval-usec=1000000
+ratelimit-burst=1000
+[wide-area]
+enable-wide-area=no
+[publish]
+publish-hinfo=no
+publish-workstation=no
+[reflector]
+enable-reflector=no
+[rlimits]
+"""
+
+
+class AvahiDaemon:
+    """avahi-daemon in ``side``'s namespace on a private system bus, with a private tmpfs on
+    ``/run`` (in a mount namespace of its own, gone with the daemon) so that its pid file and
+    socket stay off the host."""
+
+    _START_TIMEOUT = 10.0
+
+    def __init__(self, side: Side, bus: PrivateSystemBus) -> None:
+        self.side = side
+        self.bus = bus
+        self.directory = Path(tempfile.mkdtemp(prefix="mandos-test-avahi-"))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> AvahiDaemon:
+        config = self.directory / "avahi-daemon.conf"
+        config.write_text(_AVAHI_CONFIG.format(interface=self.side.interface))
+        log_path = self.directory / "avahi.log"
+        script = ('mount -t tmpfs tmpfs /run && exec avahi-daemon -f "$1" --no-drop-root '
+                  "--no-chroot --no-rlimits --no-proc-title")
+        try:
+            with open(log_path, "wb") as log:
+                self._process = subprocess.Popen(
+                    VethPair.wrap(self.side, ["unshare", "-m", "--propagation", "private",
+                                              "sh", "-c", script, "sh", str(config)]),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self.bus.environment(), start_new_session=True,
+                )
+            deadline = time.monotonic() + self._START_TIMEOUT
+            while b"Server startup complete" not in log_path.read_bytes():
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("avahi-daemon did not start:\n"
+                                       + log_path.read_text(errors="replace"))
+                time.sleep(0.05)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            kill_process_group(self._process)
+            self._process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._stop()
+
+
