@@ -15,17 +15,15 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
-import subprocess
+import statistics
 import sys
-import tempfile
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import agent_latency
 from bench.loadgen import (
     LevelResult,
     SimulatedClient,
@@ -35,14 +33,19 @@ from bench.loadgen import (
     process_tree_pss,
     run_level,
 )
-from tests.peers.upstream import UpstreamServer, free_port, listening_ports
+from bench.servers import our_server, upstream_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Unlocks per concurrency level: (ours, upstream).  Upstream collapses at 128 (a listen
+#: backlog of 5, a fork per connection), so it gets fewer there and none at 512.
+FULL_PLAN = {1: (200, 40), 8: (2000, 200), 32: (4000, 300), 128: (4000, 256), 512: (4096, 0)}
+QUICK_PLAN = {1: (100, 20), 8: (500, 100), 32: (1000, 160), 128: (1000, 128), 512: (1024, 0)}
 
 
 @dataclass
 class Row:
-    """One server at one concurrency level."""
+    """One server at one concurrency level, one run."""
 
     server: str
     level: LevelResult
@@ -58,49 +61,36 @@ class Row:
         return 1000 * self.level.generator_cpu / max(1, self.level.unlocks)
 
 
-@contextmanager
-def our_server(clients: list[SimulatedClient]) -> Iterator[tuple[int, int]]:
-    """Our server on 127.0.0.1, yielding (pid, port)."""
-    directory = Path(tempfile.mkdtemp(prefix="mandos-bench-"))
-    try:
-        (directory / "conf").mkdir()
-        (directory / "state").mkdir(mode=0o700)
-        (directory / "conf" / "clients.conf").write_text(clients_conf(clients))
-        (directory / "conf" / "mandos.conf").write_text("[DEFAULT]\n")
-        port = free_port()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--foreground", "--no-dbus", "--no-zeroconf",
-             "--no-restore", "--no-ipv6", "--address=127.0.0.1", f"--port={port}",
-             f"--configdir={directory / 'conf'}", f"--statedir={directory / 'state'}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(directory / "server.log", "wb"),  # noqa: SIM115 - closed with the dir
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while port not in listening_ports(process.pid):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("our server did not start:\n"
-                                     + (directory / "server.log").read_text())
-                time.sleep(0.02)
-            yield process.pid, port
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+@dataclass
+class Cell:
+    """One server at one concurrency level: the medians over the runs (failures summed)."""
 
+    server: str
+    concurrency: int
+    rows: list[Row]
 
-@contextmanager
-def upstream_server(clients: list[SimulatedClient]) -> Iterator[tuple[int, int]]:
-    """Debian's ``mandos`` on 127.0.0.1, yielding (pid, port)."""
-    sections = clients_conf(clients).split("\n\n", 1)[1]
-    with UpstreamServer(sections) as server:
-        assert server.process is not None
-        yield server.process.pid, server.port
+    def median(self, value: Callable[[Row], float]) -> float:
+        return statistics.median(value(row) for row in self.rows)
+
+    @property
+    def unlocks(self) -> int:
+        return sum(row.level.unlocks for row in self.rows)
+
+    @property
+    def failures(self) -> int:
+        return sum(row.level.failures for row in self.rows)
+
+    @property
+    def rate(self) -> float:
+        return self.median(lambda row: row.level.rate)
+
+    @property
+    def p99(self) -> float:
+        return self.median(lambda row: row.level.percentile(0.99))
+
+    @property
+    def pss(self) -> float:
+        return self.median(lambda row: row.peak_pss)
 
 
 def measure(name: str, pid: int, port: int, clients: list[SimulatedClient], concurrency: int,
@@ -125,70 +115,96 @@ def measure(name: str, pid: int, port: int, clients: list[SimulatedClient], conc
     return Row(name, level, process_tree_cpu(pid) - cpu_before, peak)
 
 
-def format_table(rows: list[Row]) -> str:
-    """A Markdown table, ours and upstream per level, with the ratios."""
-    header = ("| server | conc. | unlocks | failures | unlocks/s | p50 ms | p99 ms | max ms "
-              "| server CPU ms/unlock | generator CPU ms/unlock | peak PSS MiB |")
-    lines = [header, "|" + "---|" * 11]
-    for row in rows:
-        level = row.level
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
+def format_table(cells: list[Cell]) -> str:
+    """Markdown: the medians per server and level, then the ratios ours/upstream."""
+    lines = ["| server | conc. | runs | unlocks | failures | unlocks/s | p50 ms | p99 ms "
+             "| max ms | server CPU ms/unlock | generator CPU ms/unlock | peak PSS MiB |",
+             "|" + "---|" * 12]
+    for cell in cells:
         lines.append(
-            f"| {row.server} | {level.concurrency} | {level.unlocks} | {level.failures} "
-            f"| {level.rate:.0f} | {1000 * level.p50:.1f} | {1000 * level.percentile(0.99):.1f} "
-            f"| {1000 * max(level.latencies, default=float('nan')):.1f} "
-            f"| {row.server_cpu_per_unlock_ms:.3f} | {row.generator_cpu_per_unlock_ms:.3f} "
-            f"| {row.peak_pss / 2**20:.1f} |"
-        )
-    ratios = ["", "| conc. | throughput ours/upstream | p99 ours/upstream | PSS ours/upstream |",
-              "|---|---|---|---|"]
-    by_level: dict[int, dict[str, Row]] = {}
-    for row in rows:
-        by_level.setdefault(row.level.concurrency, {})[row.server] = row
+            f"| {cell.server} | {cell.concurrency} | {len(cell.rows)} | {cell.unlocks} "
+            f"| {cell.failures} | {cell.rate:.0f} "
+            f"| {_ms(cell.median(lambda row: row.level.p50))} | {_ms(cell.p99)} "
+            f"| {_ms(cell.median(lambda row: max(row.level.latencies, default=float('nan'))))} "
+            f"| {cell.median(lambda row: row.server_cpu_per_unlock_ms):.3f} "
+            f"| {cell.median(lambda row: row.generator_cpu_per_unlock_ms):.3f} "
+            f"| {cell.pss / 2**20:.1f} |")
+    lines += ["", "| conc. | throughput ours/upstream | p99 ours/upstream | PSS ours/upstream "
+              "| our server CPU / generator CPU |", "|---|---|---|---|---|"]
+    by_level: dict[int, dict[str, Cell]] = {}
+    for cell in cells:
+        by_level.setdefault(cell.concurrency, {})[cell.server] = cell
     for concurrency, pair in sorted(by_level.items()):
-        if {"ours", "upstream"} <= pair.keys():
-            ours, theirs = pair["ours"], pair["upstream"]
-            lines_ratio = (
-                f"| {concurrency} | {ours.level.rate / max(theirs.level.rate, 1e-9):.1f}x "
-                f"| {ours.level.percentile(0.99) / theirs.level.percentile(0.99):.4f} "
-                f"| {ours.peak_pss / max(theirs.peak_pss, 1):.2f} |"
-            )
-            ratios.append(lines_ratio)
-    return "\n".join(lines + ratios)
+        ours = pair.get("ours")
+        if ours is None:
+            continue
+        efficiency = ours.median(lambda row: row.server_cpu / max(row.level.generator_cpu, 1e-9))
+        theirs = pair.get("upstream")
+        if theirs is None:
+            lines.append(f"| {concurrency} | - | - | - | {efficiency:.2f} |")
+            continue
+        lines.append(f"| {concurrency} | {ours.rate / max(theirs.rate, 1e-9):.1f}x "
+                     f"| {ours.p99 / theirs.p99:.4f} | {ours.pss / max(theirs.pss, 1):.2f} "
+                     f"| {efficiency:.2f} |")
+    return "\n".join(lines)
+
+
+def run_storm(plan: dict[int, tuple[int, int]], clients: list[SimulatedClient], repeat: int,
+              with_upstream: bool) -> list[Cell]:
+    """Every level of ``plan`` against each server, the whole plan ``repeat`` times (servers
+    alternating, each started afresh), so that the medians smooth out a noisy machine."""
+    servers: list[tuple[str, Callable[[], AbstractContextManager[tuple[int, int]]]]] = [
+        ("ours", lambda: our_server(clients_conf(clients)))]
+    if with_upstream:
+        sections = clients_conf(clients).split("\n\n", 1)[1]
+        servers.append(("upstream", lambda: upstream_server(sections)))
+    cells = {(name, level): Cell(name, level, []) for name, _ in servers for level in plan}
+    for run in range(repeat):
+        for name, start in servers:
+            with start() as (pid, port):
+                for concurrency, counts in plan.items():
+                    unlocks = counts[0] if name == "ours" else counts[1]
+                    if unlocks:
+                        print(f"run {run + 1}/{repeat} {name}: {unlocks} unlocks at "
+                              f"concurrency {concurrency} ...", file=sys.stderr, flush=True)
+                        cells[name, concurrency].rows.append(
+                            measure(name, pid, port, clients, concurrency, unlocks))
+    return [cell for cell in cells.values() if cell.rows]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer unlocks, under two minutes")
     parser.add_argument("--clients", type=int, default=64, help="configured clients (64)")
+    parser.add_argument("--repeat", type=int, help="runs of the whole plan (3; quick: 1)")
+    parser.add_argument("--agent-runs", type=int, help="agent latency runs per agent (7; "
+                        "quick: 3; 0: skip)")
     parser.add_argument("--no-upstream", action="store_true", help="measure only our server")
     options = parser.parse_args(argv)
-    # Unlocks per level: (ours, upstream).  Upstream collapses at 128, so it gets fewer there.
-    plan = {1: (200, 40), 8: (2000, 200), 32: (4000, 300), 128: (4000, 256), 512: (4000, 0)}
-    if options.quick:
-        plan = {1: (100, 20), 8: (500, 100), 32: (1000, 160), 128: (1000, 128), 512: (1024, 0)}
+    repeat = options.repeat or (1 if options.quick else 3)
+    agent_runs = options.agent_runs if options.agent_runs is not None else (
+        3 if options.quick else 7)
     clients = make_clients(options.clients)
-    rows: list[Row] = []
-    servers = [("ours", our_server)]
-    if not options.no_upstream:
-        servers.append(("upstream", upstream_server))
-    for name, start in servers:
-        with start(clients) as (pid, port):
-            for concurrency, counts in plan.items():
-                unlocks = counts[0] if name == "ours" else counts[1]
-                if unlocks:
-                    print(f"{name}: {unlocks} unlocks at concurrency {concurrency} ...",
-                          file=sys.stderr, flush=True)
-                    rows.append(measure(name, pid, port, clients, concurrency, unlocks))
-    table = format_table(rows)
+    cells = run_storm(QUICK_PLAN if options.quick else FULL_PLAN, clients, repeat,
+                      not options.no_upstream)
+    report = format_table(cells)
+    if agent_runs:
+        print(f"agent latency: {agent_runs} runs per agent ...", file=sys.stderr, flush=True)
+        report += "\n\n" + agent_latency.format_table(agent_latency.measure(agent_runs), "our")
     stamp = datetime.datetime.now(datetime.UTC)
     header = (f"# Reboot storm, {stamp:%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-              f"{os.cpu_count()} cores{' (quick)' if options.quick else ''}\n\n")
-    print(table)
+              f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+              f"{options.clients} clients, {repeat} run(s), medians"
+              f"{' (quick)' if options.quick else ''}\n\n")
+    print(report)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"storm-{stamp:%Y%m%dT%H%M%S}{'-quick' if options.quick else ''}.md"
-    out.write_text(header + table + "\n")
-    print(f"\nwritten to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}",
-          file=sys.stderr)
+    out.write_text(header + report + "\n")
+    print(f"\nwritten to {out}", file=sys.stderr)
     return 0
 
 

@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--configdir", default="/etc/mandos", metavar="DIR",
         help="directory with mandos.conf and clients.conf (default: %(default)s)")
     add("--no-dbus", action="store_false", dest="use_dbus", default=None,
-        help="do not provide the D-Bus interface (accepted for compatibility; this server "
-        "has no D-Bus interface yet)")
+        help="do not provide the D-Bus admin interface (se.recompile.Mandos on the system "
+        "bus, for mandos-ctl and mandos-monitor)")
     add("--no-ipv6", action="store_false", dest="use_ipv6", default=None,
         help="do not use IPv6")
     add("--no-restore", action="store_false", dest="restore", default=None,

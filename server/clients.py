@@ -24,6 +24,7 @@ import datetime
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from server import checker
 from server.config import ClientConfig
@@ -203,6 +204,24 @@ class Client:
     def _reset_approval(self) -> None:
         self._approval_reset = None
         self.approved = None
+
+    def change_settings(self, **changes: Any) -> None:
+        """Change settings at run time (``ClientConfig`` field names), as upstream's D-Bus
+        properties do: a new ``timeout`` moves the expiry by the difference (disabling the
+        client at once if that has passed); a new ``interval`` reschedules the checkers and
+        starts one now."""
+        old, self.settings = self.settings, dataclasses.replace(self.settings, **changes)
+        if self.state.enabled and "timeout" in changes and self.state.expires is not None:
+            expires = self.state.expires + (self.settings.timeout - old.timeout)
+            if expires <= utcnow():
+                self.disable()
+            else:
+                self._set_expiry(expires)
+        if self.state.enabled and "interval" in changes and self._checker_timer is not None:
+            self._cancel(self._checker_timer)
+            self._checker_timer = self._later(self.settings.interval, self._periodic_checker)
+            self.start_checker()
+        self.on_change()
 
     def start_checker(self) -> None:
         """Start a checker unless one is running (a slow checker is never killed on schedule:

@@ -4,6 +4,10 @@ sd_notify, the Zeroconf announcement and the signal handlers.
 SIGHUP reloads clients.conf without dropping connections (a bad file is logged and the old
 configuration kept); SIGTERM and SIGINT stop at any moment, requests waiting for approval
 included: connections are closed, checkers stopped, the state saved.
+
+State changes are saved in batches (see :mod:`server.statefile` for the durability trade-off):
+the first change schedules one write ``SAVE_DELAY`` later, snapshot on the loop, disk work in
+a worker thread, at most one write in flight; the systemd STATUS line is refreshed then too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from server.journal import WARNING, Event, Journal
 from server.listener import Listener, adopt_socket, bind_socket
 from server.statefile import StateFile
 
+#: Seconds from a state change to the write that saves it (and every change made meanwhile).
+SAVE_DELAY = 0.5
+
 
 class Daemon:
     """The server process after option parsing."""
@@ -36,7 +43,9 @@ class Daemon:
         self.configs: dict[str, ClientConfig] = {}
         self.listener: Listener | None = None
         self.announcer: Any = None
-        self._save_scheduled = False
+        self.dbus: Any = None  # server.dbus_api.AdminService when D-Bus is on
+        self._save_timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Future[None] | None = None
         self._stop = asyncio.Event()
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -69,6 +78,12 @@ class Daemon:
         except ProtocolError as error:
             raise ConfigError(f"priority: {error}") from None
         self.configs = load_clients(self.settings.clients_conf)
+        if self.settings.use_dbus:
+            from server.dbus_api import AdminService  # lazy: dbus-fast only with D-Bus on
+
+            self.dbus = await AdminService.connect(self.clients, self.journal)
+            if self.dbus is not None:  # it sees every event; without a bus, run without it
+                self.journal = self.dbus.journal
         saved = self.statefile.load() if self.settings.restore else {}
         for _name, restored in self.statefile.restore(self.configs, saved, utcnow()).items():
             self.clients.add(self._make_client(restored.settings, restored.state))
@@ -84,7 +99,7 @@ class Daemon:
             self.listener.start()
             if self.settings.zeroconf:
                 await self._announce(self.listener.port)
-            self.save()
+            self._save_now()
             addresses = ", ".join(_describe(sock) for sock in sockets)
             self.journal.event(Event.SERVER_STARTED, f"Mandos server listening on {addresses}")
             self.notifier.ready(self.status_line())
@@ -126,25 +141,53 @@ class Daemon:
         if self.announcer is not None:
             with contextlib.suppress(Exception):
                 await self.announcer.stop()
-        self.save()
+        if self.dbus is not None:
+            self.dbus.close()
+        await self.flush()
 
     # -- state ------------------------------------------------------------------------------
 
     def schedule_save(self) -> None:
-        """Save soon, once for all the changes made in this turn of the loop."""
-        if not self._save_scheduled:
-            self._save_scheduled = True
-            asyncio.get_running_loop().call_soon(self.save)
-        self._update_status()
+        """Save soon: one write ``SAVE_DELAY`` from now for all the changes made until then."""
+        if self._save_timer is None:
+            self._save_timer = asyncio.get_running_loop().call_later(SAVE_DELAY, self._save_later)
 
-    def save(self) -> None:
-        self._save_scheduled = False
+    def _save_later(self) -> None:
+        self._save_timer = None
+        self._update_status()
+        if self._writing is not None:  # one write at a time; this change gets the next one
+            self.schedule_save()
+            return
+        document = self.statefile.document(self.clients, self.configs)
+        self._writing = asyncio.get_running_loop().run_in_executor(
+            None, self.statefile.write, document)
+        self._writing.add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[None]) -> None:
+        self._writing = None
+        if not future.cancelled() and future.exception() is not None:
+            self._save_failed(future.exception())
+
+    async def flush(self) -> None:
+        """Write the latest state now (at shutdown), after any write in flight."""
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writing)
+        self._save_now()
+
+    def _save_now(self) -> None:
         try:
             self.statefile.save(self.clients, self.configs)
         except OSError as error:
-            self.journal.event(Event.STATE_PROBLEM,
-                               f"Cannot save state in {self.settings.statedir}: {error}",
-                               priority=WARNING)
+            self._save_failed(error)
+
+    def _save_failed(self, error: BaseException | None) -> None:
+        self.journal.event(Event.STATE_PROBLEM,
+                           f"Cannot save state in {self.settings.statedir}: {error}",
+                           priority=WARNING)
 
     def status_line(self) -> str:
         clients = list(self.clients)
@@ -161,7 +204,8 @@ class Daemon:
         return line
 
     def _update_status(self) -> None:
-        self.notifier.status(self.status_line())
+        if self.notifier.enabled:
+            self.notifier.status(self.status_line())
 
     # -- reload -----------------------------------------------------------------------------
 

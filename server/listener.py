@@ -191,8 +191,7 @@ class Listener:
         self._slots.release()
 
     async def _handle(self, connection: socket.socket, peer: str) -> None:
-        with connection:
-            connection.setblocking(False)
+        with connection:  # non-blocking already: loop.sock_accept made it so
             if connection.family in (socket.AF_INET, socket.AF_INET6):
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:

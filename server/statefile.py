@@ -13,6 +13,17 @@ can tell which settings were changed in the file since (reference/mandos-protoco
 The secret is not stored: the configuration has it.  Writes are atomic (a temporary file in
 the same directory, fsync, rename, fsync of the directory).  A corrupt file is moved aside to
 ``clients.json.corrupt-<time>`` with a warning; it never stops the server.
+
+Durability trade-off: the server does not write the file on every change.  During a reboot
+storm every secret sent changes a client's state, and one fsync per unlock would cost more than
+the unlock itself and stall the event loop.  So a change schedules *one* write a short while
+later (the daemon's ``SAVE_DELAY``, 0.5 s), which covers every change made in the meantime; the
+snapshot is taken on the event loop (:meth:`StateFile.document`, consistent) and written by a
+worker thread (:meth:`StateFile.write`, so that the loop never waits for the disk); SIGTERM and
+SIGINT flush the latest state before the server exits.  What a crash, SIGKILL or power loss can
+lose is therefore the changes of the last half second: at most a ``last_secret_sent`` or
+``last_checked_ok`` timestamp and an extended expiry, which the next checker or request restores.
+Upstream Mandos saves its state only when it stops, so this is never less durable than upstream.
 """
 
 from __future__ import annotations
@@ -200,8 +211,15 @@ class StateFile:
         return result
 
     def save(self, clients: Iterable[Client], configs: Mapping[str, ClientConfig]) -> None:
-        """Write the file atomically; ``configs`` is the configuration as last read."""
-        document = {
+        """Write the file atomically now; ``configs`` is the configuration as last read."""
+        self.write(self.document(clients, configs))
+
+    @staticmethod
+    def document(clients: Iterable[Client],
+                 configs: Mapping[str, ClientConfig]) -> dict[str, object]:
+        """What :meth:`write` writes, as new JSON-ready objects: a snapshot that later changes
+        to the clients do not touch, so it can be written from another thread."""
+        return {
             "format": FORMAT,
             "clients": {
                 client.name: {
@@ -212,6 +230,10 @@ class StateFile:
                 for client in clients if client.name in configs
             },
         }
+
+    def write(self, document: Mapping[str, object]) -> None:
+        """Write a :meth:`document` atomically (blocking: temporary file, fsync, rename, fsync
+        of the directory)."""
         data = json.dumps(document, indent=1, sort_keys=True).encode()
         descriptor, temporary = tempfile.mkstemp(prefix=".clients-", suffix=".tmp",
                                                  dir=self.directory)

@@ -169,8 +169,8 @@ def test_needs_port_without_zeroconf(tmp_path: Path) -> None:
     assert "needs --port or --socket" in result.stderr
 
 
-def test_help_mentions_dbus_later() -> None:
+def test_help_documents_no_dbus_and_hides_test_options() -> None:
     result = run_server("--help")
     assert result.returncode == 0
-    assert "--no-dbus" in result.stdout and "no D-Bus interface yet" in result.stdout
+    assert "--no-dbus" in result.stdout and "se.recompile.Mandos" in result.stdout
     assert "--journal-socket" not in result.stdout

@@ -102,7 +102,7 @@ class OurServer:
 
     def __init__(self, clients: str, *, address: str = "127.0.0.1", ipv6: bool = False,
                  port: int | None = None, extra_args: Sequence[str] = (),
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, use_dbus: bool = False) -> None:
         self.owns_directory = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="mandos-test-server-"))
         self.configdir = self.directory / "conf"
@@ -113,6 +113,7 @@ class OurServer:
         self.ipv6 = ipv6
         self.port = port or free_port(address)
         self.extra_args = list(extra_args)
+        self.use_dbus = use_dbus  # D-Bus admin API on (give DBUS_SYSTEM_BUS_ADDRESS in env)
         self.write_clients(clients)
         self.journal: JournalSink | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -128,7 +129,9 @@ class OurServer:
     def argv(self) -> list[str]:
         argv = [*SERVER, f"--configdir={self.configdir}", f"--statedir={self.statedir}",
                 f"--address={self.address}", f"--port={self.port}", "--no-zeroconf",
-                "--no-dbus", "--debuglevel=DEBUG"]
+                "--debuglevel=DEBUG"]
+        if not self.use_dbus:
+            argv.append("--no-dbus")
         if not self.ipv6:
             argv.append("--no-ipv6")
         return argv + self.extra_args
