@@ -35,6 +35,7 @@ _GNUTLS_SERVER = 1
 _GNUTLS_CLIENT = 1 << 1
 _GNUTLS_NONBLOCK = 1 << 3
 _GNUTLS_NO_TICKETS = 1 << 10
+_GNUTLS_KEY_SHARE_TOP = 1 << 11
 _GNUTLS_ENABLE_RAWPK = 1 << 18
 _GNUTLS_CRD_CERTIFICATE = 1
 _GNUTLS_X509_FMT_PEM = 1
@@ -48,6 +49,8 @@ _E_INTERRUPTED = -52
 _E_PREMATURE_TERMINATION = -110
 _E_TIMEDOUT = -319
 
+#: The library as Debian's libgnutls30 installs it.
+SONAME = "libgnutls.so.30"
 #: Oldest libgnutls with raw public keys (RFC 7250).
 MINIMUM_VERSION = "3.6.6"
 
@@ -62,18 +65,28 @@ def _datum(data: bytes) -> tuple[_Datum, Any]:
     return _Datum(ctypes.cast(buffer, ctypes.POINTER(ctypes.c_ubyte)), len(data)), buffer
 
 
+def _load(name: str) -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 class _Library:
     """The loaded libgnutls with the prototypes this module uses."""
 
     def __init__(self) -> None:
-        name = ctypes.util.find_library("gnutls") or "libgnutls.so.30"
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
+        lib = _load(SONAME)
+        if lib is None:
+            # find_library runs ldconfig (and gcc): slow, and absent in an initramfs, so it is
+            # only the fallback for a library under another soname.
+            found = ctypes.util.find_library("gnutls")
+            lib = _load(found) if found else None
+        if lib is None:
             raise ProtocolError(
                 "libgnutls is not installed (Debian package libgnutls30); it is needed for TLS "
                 "with raw public keys"
-            ) from None
+            )
         lib.gnutls_check_version.restype = ctypes.c_char_p
         lib.gnutls_check_version.argtypes = [ctypes.c_char_p]
         if lib.gnutls_check_version(MINIMUM_VERSION.encode()) is None:
@@ -255,7 +268,12 @@ class Session:
         self._gnutls = library()
         lib = self._gnutls.lib
         flags = _GNUTLS_ENABLE_RAWPK | _GNUTLS_NO_TICKETS
-        flags |= _GNUTLS_CLIENT if role is Role.MANDOS_SERVER else _GNUTLS_SERVER
+        if role is Role.MANDOS_SERVER:
+            # One key share (the priority's first group) instead of GnuTLS's default two: every
+            # Mandos client accepts that group, and each share costs a key generation.
+            flags |= _GNUTLS_CLIENT | _GNUTLS_KEY_SHARE_TOP
+        else:
+            flags |= _GNUTLS_SERVER
         if nonblocking:
             flags |= _GNUTLS_NONBLOCK
         self._nonblocking = nonblocking

@@ -376,7 +376,8 @@ def test_use_after_close_is_a_protocol_error(
 
 
 def test_missing_library_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libgnutls-missing.so.99")
+    monkeypatch.setattr(gnutls, "SONAME", "libgnutls-missing.so.99")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libgnutls-missing.so.98")
     with pytest.raises(ProtocolError, match="libgnutls is not installed"):
         gnutls._Library()
 
