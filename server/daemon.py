@@ -16,16 +16,20 @@ import asyncio
 import contextlib
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Priority
 from server import systemd
-from server.clients import Client, ClientTable, utcnow
+from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
 from server.journal import WARNING, Event, Journal
 from server.listener import Listener, adopt_socket, bind_socket
 from server.statefile import StateFile
+
+if TYPE_CHECKING:  # imported lazily at run time: python-zeroconf and dbus-fast cost 40 ms
+    from server.announce import Announcer
+    from server.dbus_api import AdminService
 
 #: Seconds from a state change to the write that saves it (and every change made meanwhile).
 SAVE_DELAY = 0.5
@@ -42,8 +46,8 @@ class Daemon:
         self.clients = ClientTable()
         self.configs: dict[str, ClientConfig] = {}
         self.listener: Listener | None = None
-        self.announcer: Any = None
-        self.dbus: Any = None  # server.dbus_api.AdminService when D-Bus is on
+        self.announcer: Announcer | None = None
+        self.dbus: AdminService | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Future[None] | None = None
         self._stop = asyncio.Event()
@@ -66,7 +70,7 @@ class Daemon:
         return [bind_socket(self.settings.address, self.settings.port or 0,
                             use_ipv6=self.settings.use_ipv6, interface=self.settings.interface)]
 
-    def _make_client(self, settings: ClientConfig, state: Any) -> Client:
+    def _make_client(self, settings: ClientConfig, state: ClientState) -> Client:
         return Client(settings, state, self.journal, on_change=self.schedule_save,
                       show_checker_output=self.settings.debug)
 
