@@ -85,9 +85,8 @@ class Daemon:
         if self.settings.use_dbus:
             from server.dbus_api import AdminService  # lazy: dbus-fast only with D-Bus on
 
+            # It observes the journal, which sees every event; without a bus, run without it.
             self.dbus = await AdminService.connect(self.clients, self.journal)
-            if self.dbus is not None:  # it sees every event; without a bus, run without it
-                self.journal = self.dbus.journal
         saved = self.statefile.load() if self.settings.restore else {}
         for _name, restored in self.statefile.restore(self.configs, saved, utcnow()).items():
             self.clients.add(self._make_client(restored.settings, restored.state))

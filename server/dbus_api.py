@@ -14,8 +14,8 @@
   ``datetime.isoformat()`` of a naive UTC time) or "" when unset.
 
 How the service learns what happens: every decision and state change of the server is a journal
-event (:mod:`server.journal`), so :class:`EventTap` hands each event to the service, which turns
-it into upstream's signals (``GotSecret``, ``Rejected``, ``NeedApproval``, ``CheckerStarted``,
+event (:mod:`server.journal`), and the service observes the journal: it turns each event
+into upstream's signals (``GotSecret``, ``Rejected``, ``NeedApproval``, ``CheckerStarted``,
 ``CheckerCompleted``, ``ClientNotFound``) and, at the end of that turn of the event loop,
 compares the touched clients' properties with what it last announced, emitting the deprecated
 ``PropertyChanged`` and the standard ``PropertiesChanged`` for each difference.  Comparing
@@ -78,7 +78,6 @@ _REJECTIONS: Mapping[Event, str] = {
     Event.APPROVAL_TIMED_OUT: "Approval timed out",
 }
 
-Observer = Callable[[Event, str | None, str | None, str | None, Mapping[str, str]], None]
 
 
 def object_path(name: str) -> str:
@@ -99,37 +98,6 @@ def milliseconds(delta: datetime.timedelta) -> int:
 
 def _delta(value: int) -> datetime.timedelta:
     return datetime.timedelta(milliseconds=value)
-
-
-class EventTap(Journal):
-    """The server's journal, also handing every event to an observer (the D-Bus service).
-
-    It wraps the journal that the server already has (everything is delegated to it), so that
-    clients, listener and daemon keep calling ``journal.event`` as before.  The observer sees
-    every event, whatever ``--debuglevel`` lets through to the journal."""
-
-    def __init__(self, inner: Journal, observer: Observer) -> None:  # no super(): delegates
-        self.inner = inner
-        self.observer = observer
-
-    def event(self, event: Event, message: str, *, client: str | None = None,
-              key_id: str | None = None, peer: str | None = None,
-              priority: int | None = None, **extra: str) -> None:
-        self.inner.event(event, message, client=client, key_id=key_id, peer=peer,
-                         priority=priority, **extra)
-        try:
-            self.observer(event, client, key_id, peer, extra)
-        except Exception as error:  # D-Bus trouble must never break a request
-            self.inner.event(Event.SERVER_ERROR, f"D-Bus: cannot signal {event.label}: "
-                             f"{error or type(error).__name__}", client=client,
-                             priority=WARNING)
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 #: D-Bus integer types: a client may send any of them where a property is ``t`` or ``n``.
@@ -437,7 +405,8 @@ class AdminService:
     def __init__(self, bus: AdminBus, clients: ClientTable, journal: Journal) -> None:
         self.bus = bus
         self.clients = clients
-        self.journal = EventTap(journal, self.on_event)
+        self.journal = journal
+        self._stop_observing = journal.observe(self.on_event)
         self.root = ServerObject(self)
         self.objects: dict[str, ClientObject] = {}
         self._dirty: set[str] = set()
@@ -582,6 +551,7 @@ class AdminService:
 
     def close(self) -> None:
         """Withdraw every object (as upstream does at exit) and leave the bus."""
+        self._stop_observing()
         if self.bus.connected:
             for name in list(self.objects):
                 self._unexport(name)

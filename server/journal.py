@@ -18,7 +18,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -81,9 +81,15 @@ def encode_entry(fields: Mapping[str, str]) -> bytes:
     return b"".join(parts)
 
 
+#: Sees every event, whatever ``--debuglevel`` lets through: (event, client, key id, peer,
+#: extra fields).  The D-Bus service is one, turning events into upstream's signals.
+Observer = Callable[[Event, str | None, str | None, str | None, Mapping[str, str]], None]
+
+
 class Journal:
     """Writes events; ``max_priority`` drops less important ones (``--debuglevel``); ``echo``
-    also prints every written entry on stderr (``--debug``)."""
+    also prints every written entry on stderr (``--debug``).  Observers (:meth:`observe`) see
+    every event."""
 
     def __init__(self, socket_path: Path = DEFAULT_SOCKET, *, max_priority: int = INFO,
                  echo: bool = False, identifier: str = "mandos",
@@ -94,6 +100,7 @@ class Journal:
         self.identifier = identifier
         self._stream = stream
         self._socket: socket.socket | None = None
+        self._observers: list[Observer] = []
         if socket_path.exists():
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
@@ -101,6 +108,21 @@ class Journal:
               key_id: str | None = None, peer: str | None = None,
               priority: int | None = None, **extra: str) -> None:
         """Write one entry for ``event``; ``extra`` become ``MANDOS_<NAME>`` fields."""
+        self._write(event, message, client, key_id, peer, priority, extra)
+        for observer in self._observers:
+            try:
+                observer(event, client, key_id, peer, extra)
+            except Exception as error:  # an observer's trouble must never break a request
+                self._write(Event.SERVER_ERROR, f"cannot pass on {event.label}: "
+                            f"{error or type(error).__name__}", client, None, None, WARNING, {})
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Hand every event to ``observer`` from now on; returns the function that stops it."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def _write(self, event: Event, message: str, client: str | None, key_id: str | None,
+               peer: str | None, priority: int | None, extra: Mapping[str, str]) -> None:
         level = event.priority if priority is None else priority
         if level > self.max_priority:
             return

@@ -212,6 +212,27 @@ def test_journal_native_encoding(tmp_path: Path) -> None:
         sink.close()
 
 
+def test_journal_observers_see_every_event_and_cannot_break_it() -> None:
+    """Observers (the D-Bus service) see events below --debuglevel too; one that raises is
+    reported in the journal and the next observer still runs."""
+    log = io.StringIO()
+    journal = Journal(Path("/nonexistent"), stream=log, max_priority=3)
+    seen: list[tuple[str, str | None]] = []
+
+    def broken(*event: object) -> None:
+        raise RuntimeError("bus gone")
+
+    journal.observe(broken)
+    stop = journal.observe(lambda event, client, *rest: seen.append((event.label, client)))
+    journal.event(Event.SECRET_SENT, "sent", client="foo")  # INFO: below max_priority 3
+    assert seen == [("secret-sent", "foo")]
+    assert "secret-sent" not in log.getvalue()
+    assert "cannot pass on secret-sent: bus gone" in log.getvalue()
+    stop()
+    journal.event(Event.SECRET_SENT, "sent", client="bar")
+    assert seen == [("secret-sent", "foo")]
+
+
 def test_bad_peers_cost_nothing(tmp_path: Path) -> None:
     """Silent, garbage and oversized-line peers are dropped; none blocks another."""
     async def scenario() -> None:
