@@ -1,0 +1,131 @@
+#!/bin/bash
+# dracut module "mandos-agent": our Python password agent (python -m password_agent) in a
+# systemd initramfs, answering disk-unlock requests with the password a Mandos server hands out.
+#
+# Sourced by dracut, not run.  Settings (dracut.conf.d variables, all optional):
+#   mandos_agent_keydir="DIR"        the four key files (default: /etc/keys/mandos, then
+#                                    /etc/mandos/keys, as upstream's module)
+#   mandos_agent_pythonpath="D1:D2"  where to find password_agent, mandos_protocol, gnupg and
+#                                    inotify_simple if /usr/bin/python3 cannot import them
+#                                    (a virtualenv's site-packages, a source tree)
+#   mandos_agent_zeroconf="no"       leave out Zeroconf browsing (about 4.5 MB unpacked); the
+#                                    agent then needs a server from mandos=connect:ADDRESS:PORT
+#                                    or from a drop-in with --connect
+# The module is included only when asked for (add_dracutmodules+=" mandos-agent "), and only
+# when the key set is there.
+
+# The directory holding the four key files, or failure.
+_mandos_agent_keydir() {
+    local dir file
+    for dir in ${mandos_agent_keydir:-/etc/keys/mandos /etc/mandos/keys}; do
+        for file in pubkey.txt seckey.txt tls-pubkey.pem tls-privkey.pem; do
+            [[ -s $dir/$file ]] || continue 2
+        done
+        printf '%s\n' "$dir"
+        return 0
+    done
+    return 1
+}
+
+# Does the host unlock a LUKS volume in the initramfs?  Only then does the network have to come
+# up for us (rd.neednet=1); forcing it on a host without one would stall its boot.
+_mandos_agent_network_volumes() {
+    local dev
+    for dev in "${!host_fs_types[@]}"; do
+        [[ ${host_fs_types[$dev]} == crypto_LUKS ]] && return 0
+    done
+    return 1
+}
+
+check() {
+    require_binaries /usr/bin/python3 gpg gpg-agent gpgconf || return 1
+    if ! _mandos_agent_keydir >/dev/null; then
+        dwarning "mandos-agent: no Mandos key set (pubkey.txt, seckey.txt, tls-pubkey.pem," \
+                 "tls-privkey.pem) in ${mandos_agent_keydir:-/etc/keys/mandos or /etc/mandos/keys};" \
+                 "run mandos-keygen"
+        return 1
+    fi
+    return 255
+}
+
+depends() {
+    echo systemd systemd-ask-password crypt network
+    return 0
+}
+
+# The shared libraries $1 needs: dracut resolves them only for executables, and extension
+# modules and libraries are not (ldd lists the indirect ones too).
+_mandos_agent_inst_libs() {
+    local lib
+    while read -r lib; do
+        inst_library "$lib" || return 1
+    done < <(ldd "$1" | sed -n 's,.*=> \(/[^ ]*\) .*,\1,p')
+}
+
+# The interpreter, the standard library modules the agent uses, and its packages.
+_mandos_agent_install_python() {
+    local private=/usr/lib/mandos-password-agent list src dst gnutls
+    local -a args=() targets=()
+    [[ ${mandos_agent_zeroconf:-yes} == no ]] || args+=(--zeroconf)
+    # shellcheck disable=SC2086
+    if ! list=$(/usr/bin/python3 -I "$moddir/python-files.py" "${args[@]}" "$private" \
+                    ${mandos_agent_pythonpath//:/ }); then
+        derror "mandos-agent: cannot trace the agent's Python modules; is the agent installed" \
+               "for /usr/bin/python3 (or mandos_agent_pythonpath set)?"
+        return 1
+    fi
+    inst_multiple /usr/bin/python3 "$(readlink -f /usr/bin/python3)" || return 1
+    while IFS=$'\t' read -r src dst; do
+        inst "$src" "$dst" || return 1
+        case $dst in
+            *.py) targets+=("$initdir$dst") ;;
+            *.so) _mandos_agent_inst_libs "$src" || return 1 ;;
+        esac
+    done <<< "$list"
+    # The binding loads libgnutls.so.30 by its soname, through the initramfs's ld.so.cache
+    # (ctypes.util.find_library would need ldconfig or gcc, which the initramfs lacks).
+    gnutls=$(ldconfig -p | sed -n 's,.*libgnutls\.so\.30 .*=> ,,p' | head -n 1)
+    if [[ -z $gnutls ]]; then
+        derror "mandos-agent: libgnutls.so.30 not found (Debian package libgnutls30)"
+        return 1
+    fi
+    inst_library "$gnutls" && _mandos_agent_inst_libs "$gnutls" || return 1
+    # Byte-code ahead of time: nothing to compile under a slow CPU at boot.  Unchecked hashes,
+    # because the archive may not keep the sources' times.
+    /usr/bin/python3 -I -m compileall -q --invalidation-mode unchecked-hash \
+        -s "$initdir" -p / "${targets[@]}" >/dev/null || return 1
+}
+
+install() {
+    local keydir file unitdir="$systemdsystemunitdir"
+    keydir=$(_mandos_agent_keydir) || return 1
+    _mandos_agent_install_python || return 1
+    inst_multiple gpg gpg-agent gpgconf || return 1
+
+    inst_dir /etc/mandos/keys
+    chmod 0700 "$initdir/etc/mandos/keys"
+    for file in pubkey.txt seckey.txt tls-pubkey.pem tls-privkey.pem; do
+        inst_simple "$keydir/$file" "/etc/mandos/keys/$file" || return 1
+        chown 0:0 "$initdir/etc/mandos/keys/$file"
+        chmod 0600 "$initdir/etc/mandos/keys/$file"
+    done
+    # gpg wants a writable /tmp when /run is not enough.
+    chmod 1777 "$initdir/tmp"
+
+    inst_simple "$moddir/mandos-password-agent.path" "$unitdir/mandos-password-agent.path"
+    inst_simple "$moddir/mandos-password-agent.service" "$unitdir/mandos-password-agent.service"
+    # The administrator's options (e.g. --connect) from the installed system's drop-ins.
+    inst_multiple -o /etc/systemd/system/mandos-password-agent.service.d/*.conf
+    # Pull the network up along with the agent, but do not wait for it: the agent retries.
+    if dracut_module_included systemd-networkd; then
+        mkdir -p "$initdir$unitdir/mandos-password-agent.service.d"
+        printf '[Unit]\nWants=systemd-networkd.service\n' \
+            > "$initdir$unitdir/mandos-password-agent.service.d/50-networkd.conf"
+    fi
+    $SYSTEMCTL -q --root "$initdir" enable mandos-password-agent.path || return 1
+
+    if [[ $hostonly_cmdline == yes ]] && _mandos_agent_network_volumes; then
+        mkdir -p "$initdir/etc/cmdline.d"
+        printf 'rd.neednet=1\n' > "$initdir/etc/cmdline.d/90mandos-agent.conf"
+    fi
+}

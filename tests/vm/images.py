@@ -1,0 +1,282 @@
+"""What the VM boot test boots, built once and cached: a Debian kernel, a LUKS2 root disk with a
+busybox root file system, a Mandos key set, and an initramfs made by dracut with our module.
+
+Everything lives in one cache directory (``MANDOS_TEST_VM_CACHE``, default
+/var/cache/mandos-agent-vm) and is rebuilt only when what it is made from changes: the
+initramfs's name carries a hash of its inputs (our module, every Python file the agent needs,
+the keys, the kernel, dracut's version).  Nothing is installed on the host: the kernel and
+busybox-static are only downloaded and unpacked (the recipe: /work/shared/reference/vm-boot.md);
+dracut runs from a private copy of its base directory, so /usr/lib/dracut is never modified.
+The disk is made without mounts, loop devices or device-mapper: mkfs.ext4 -d, then cryptsetup's
+offline in-place encryption.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+HERE = Path(__file__).resolve().parent
+MODULE = REPO / "dracut-module" / "90mandos-agent"
+SLIM_NETWORK_MODULE = HERE / "dracut" / "90kernel-network-modules"
+ROOT_INIT = HERE / "rootfs-init"
+DRACUT_BASE = Path("/usr/lib/dracut")
+PYTHON = "/usr/bin/python3"  # what the initramfs runs; never a shim from PATH
+
+DEFAULT_CACHE = Path("/var/cache/mandos-agent-vm")
+#: Bump to throw away every cached disk and initramfs (their recipe changed).
+RECIPE_VERSION = "1"
+
+DRACUT_MODULES = ("systemd systemd-initrd systemd-udevd systemd-ask-password systemd-networkd "
+                  "dracut-systemd crypt dm rootfs-block kernel-network-modules base fs-lib "
+                  "udev-rules mandos-agent")
+DRACUT_DRIVERS = "virtio_blk virtio_pci virtio_net dm_crypt ext4"
+
+
+class ImageError(Exception):
+    """A build step failed; the message says which and shows its output."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    vmlinuz: Path
+    moddir: Path
+
+
+@dataclass(frozen=True)
+class Disk:
+    image: Path
+    luks_uuid: str
+
+
+@dataclass(frozen=True)
+class VmImages:
+    """Everything one boot needs; ``passphrase`` and ``keydir`` are in a 0700 directory."""
+
+    kernel: Kernel
+    disk: Disk
+    initrd: Path
+    keydir: Path
+    passphrase: Path
+
+
+def cache_directory() -> Path:
+    return Path(os.environ.get("MANDOS_TEST_VM_CACHE") or DEFAULT_CACHE)
+
+
+def run(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run a build step; on failure raise :class:`ImageError` with its output."""
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            check=False, cwd=cwd, env=env)
+    if result.returncode != 0:
+        raise ImageError(f"{' '.join(map(str, argv))} failed ({result.returncode}):\n"
+                         f"{result.stdout[-4000:]}{result.stderr[-4000:]}")
+    return result
+
+
+@contextmanager
+def locked(cache: Path) -> Iterator[None]:
+    """One builder at a time per cache directory."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def download_deb(package: str, debs: Path) -> Path:
+    """``apt-get download package`` into ``debs`` unless a .deb of it is already there."""
+    debs.mkdir(parents=True, exist_ok=True)
+    existing = sorted(debs.glob(f"{package}_*.deb"))
+    if existing:
+        return existing[-1]
+    run(["apt-get", "download", "-q", package], cwd=debs)
+    found = sorted(debs.glob(f"{package}_*.deb"))
+    if not found:
+        raise ImageError(f"apt-get download {package} left no .deb in {debs}")
+    return found[-1]
+
+
+def kernel_package() -> str:
+    """The kernel image package that Debian's linux-image-amd64 currently points to."""
+    output = run(["apt-cache", "depends", "linux-image-amd64"]).stdout
+    match = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", output)
+    if match is None:
+        raise ImageError(f"cannot find the kernel package in: {output}")
+    return match.group(1)
+
+
+def kernel(cache: Path) -> Kernel:
+    """A Debian kernel unpacked (never installed) with its modules' depmod done; reuses any
+    kernel already in the cache."""
+    root = cache / "kernel"
+    for done in sorted(root.glob("*/.done"), reverse=True):
+        version = done.parent.name
+        return Kernel(version, done.parent / "boot" / f"vmlinuz-{version}",
+                      done.parent / "lib" / "modules" / version)
+    package = kernel_package()
+    version = package.removeprefix("linux-image-")
+    deb = download_deb(package, cache / "debs")
+    tree = root / version
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    run(["dpkg-deb", "-x", str(deb), str(tree)])
+    run(["depmod", "-b", str(tree), version])
+    deb.unlink()  # 70 MB; the unpacked tree is what is used
+    (tree / ".done").touch()
+    return Kernel(version, tree / "boot" / f"vmlinuz-{version}", tree / "lib/modules" / version)
+
+
+def busybox(cache: Path) -> Path:
+    """The static busybox from Debian's busybox-static, unpacked, not installed (installing it
+    would replace the host's busybox)."""
+    binary = cache / "busybox"
+    if binary.exists():
+        return binary
+    deb = download_deb("busybox-static", cache / "debs")
+    with tempfile.TemporaryDirectory(dir=cache) as tree:
+        run(["dpkg-deb", "-x", str(deb), tree])
+        shutil.copy2(Path(tree) / "bin" / "busybox", cache / "busybox.tmp")
+    os.replace(cache / "busybox.tmp", binary)
+    return binary
+
+
+def secrets_directory(cache: Path) -> tuple[Path, Path]:
+    """A key set from our keygen and the LUKS passphrase, in a 0700 directory: made once, as
+    both the disk and the initramfs depend on them."""
+    private = cache / "secret"
+    private.mkdir(mode=0o700, exist_ok=True)
+    private.chmod(0o700)
+    keydir = private / "keys"
+    passphrase = private / "passphrase"
+    if not (keydir / "tls-privkey.pem").exists():
+        shutil.rmtree(keydir, ignore_errors=True)
+        keydir.mkdir(mode=0o700)
+        run([sys.executable, "-m", "password_agent.keygen", "--dir", str(keydir),
+             "--name", "vmtest"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if not passphrase.exists():
+        descriptor = os.open(passphrase.with_suffix(".tmp"),
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(18))  # no newline: the file is the passphrase
+        os.replace(passphrase.with_suffix(".tmp"), passphrase)
+    return keydir, passphrase
+
+
+def disk(cache: Path, busybox_binary: Path, passphrase: Path) -> Disk:
+    """A 64 MiB LUKS2 disk holding an ext4 root file system whose /sbin/init reports success."""
+    stamp = hashlib.sha256(ROOT_INIT.read_bytes() + passphrase.read_bytes()
+                           + RECIPE_VERSION.encode()).hexdigest()[:16]
+    image = cache / f"disk-{stamp}.img"
+    uuid_file = image.with_suffix(".uuid")
+    if image.exists() and uuid_file.exists():
+        return Disk(image, uuid_file.read_text().strip())
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        root = Path(work) / "root"
+        for directory in ("bin", "sbin", "etc", "dev", "proc", "sys", "run", "tmp", "usr/lib",
+                          "sysroot"):
+            (root / directory).mkdir(parents=True)
+        shutil.copy2(busybox_binary, root / "bin" / "busybox")
+        (root / "bin" / "sh").symlink_to("busybox")
+        shutil.copy2(ROOT_INIT, root / "sbin" / "init")
+        # systemd's switch-root wants to see an OS tree.
+        (root / "usr/lib/os-release").write_text('ID=mandosvmtest\nNAME="Mandos VM test"\n')
+        (root / "etc" / "os-release").symlink_to("../usr/lib/os-release")
+        partial = Path(work) / "disk.img"
+        with open(partial, "wb") as file:
+            file.truncate(64 << 20)
+        run(["mkfs.ext4", "-q", "-L", "vmroot", "-d", str(root), str(partial), "48M"])
+        run(["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2",
+             "--reduce-device-size", "16M", "--pbkdf", "pbkdf2",
+             "--pbkdf-force-iterations", "1000", "--key-file", str(passphrase), "-q",
+             str(partial)])
+        uuid = run(["cryptsetup", "luksUUID", str(partial)]).stdout.strip()
+        for old in cache.glob("disk-*"):
+            old.unlink()
+        os.replace(partial, image)
+    uuid_file.write_text(uuid + "\n")
+    return Disk(image, uuid)
+
+
+def python_search_path() -> list[str]:
+    """Where the initramfs's Python packages come from: this tree, then the running
+    environment's site-packages (inotify_simple, python-gnupg, zeroconf)."""
+    return [str(REPO), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+
+
+def initrd_inputs(kernel_: Kernel, keydir: Path) -> str:
+    """A hash of everything the initramfs is made of, so that a change rebuilds it."""
+    digest = hashlib.sha256(RECIPE_VERSION.encode())
+    listing = run([PYTHON, "-I", str(MODULE / "python-files.py"), "--zeroconf",
+                   "/usr/lib/mandos-password-agent", *python_search_path()]).stdout
+    # Named by their place in the image, so that building from another virtualenv with the
+    # same packages reuses the image.
+    files = [(Path(source), target) for source, target in
+             (line.split("\t") for line in listing.splitlines())]
+    files += [(path, path.name) for path in sorted([*MODULE.iterdir(),
+                                                    *SLIM_NETWORK_MODULE.iterdir()])
+              if path.is_file()]
+    files += [(path, path.name) for path in sorted(keydir.iterdir())]
+    for source, name in files:
+        digest.update(name.encode() + b"\0" + source.read_bytes())
+    dracut = run(["dpkg-query", "-W", "-f=${Version}", "dracut-core"]).stdout
+    digest.update(f"{kernel_.version} {dracut} {DRACUT_MODULES} {DRACUT_DRIVERS}".encode())
+    return digest.hexdigest()[:16]
+
+
+def initrd(cache: Path, kernel_: Kernel, keydir: Path) -> Path:
+    """The initramfs: dracut from a private base directory holding our module and the slim
+    network-driver module; the host's dracut configuration is ignored."""
+    image = cache / f"initrd-{initrd_inputs(kernel_, keydir)}.img"
+    if image.exists():
+        return image
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        base = Path(work) / "dracut"
+        run(["cp", "-as", f"{DRACUT_BASE}/.", str(base)])
+        modules = base / "modules.d"
+        for name in ("90kernel-network-modules", "90mandos-agent"):
+            shutil.rmtree(modules / name, ignore_errors=True)
+        shutil.copytree(SLIM_NETWORK_MODULE, modules / "90kernel-network-modules")
+        shutil.copytree(MODULE, modules / "90mandos-agent")
+        confdir = Path(work) / "conf.d"
+        confdir.mkdir()
+        (confdir / "mandos-agent.conf").write_text(
+            f'mandos_agent_keydir="{keydir}"\n'
+            f'mandos_agent_pythonpath="{":".join(python_search_path())}"\n')
+        partial = Path(work) / "initrd.img"
+        run(["dracut", "--conf", "/dev/null", "--confdir", str(confdir), "--force",
+             "--no-hostonly", "--no-hostonly-cmdline", "--kver", kernel_.version,
+             "--kmoddir", str(kernel_.moddir), "--compress", "zstd",
+             "--omit", "mandos plymouth", "--modules", DRACUT_MODULES,
+             "--drivers", DRACUT_DRIVERS, "--tmpdir", work, str(partial)],
+            env={**os.environ, "dracutbasedir": str(base)})
+        for old in cache.glob("initrd-*.img"):
+            old.unlink()
+        os.replace(partial, image)
+    return image
+
+
+def build(cache: Path | None = None) -> VmImages:
+    """Everything a boot needs, from the cache when it is up to date."""
+    cache = cache or cache_directory()
+    with locked(cache):
+        for leftover in cache.glob("tmp*"):  # from a build that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        kernel_ = kernel(cache)
+        keydir, passphrase = secrets_directory(cache)
+        disk_ = disk(cache, busybox(cache), passphrase)
+        return VmImages(kernel_, disk_, initrd(cache, kernel_, keydir), keydir, passphrase)

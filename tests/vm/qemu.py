@@ -1,0 +1,119 @@
+"""Booting the test VM: qemu with the serial console in a log file, user networking that reaches
+nothing but one forwarded port on host loopback, and a hard deadline.
+
+KVM is used only where it really works: on the build machines /dev/kvm is kvm_pvm, which hangs
+a stock kernel, so TCG is the normal mode (about 14 s to an unlocked root; see
+/work/shared/reference/vm-boot.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+#: The Mandos server as the guest sees it; slirp forwards it to host loopback.
+GUEST_SERVER = ("10.0.2.100", 7777)
+#: How long qemu gets to exit after the guest said it is done.
+POWEROFF_SECONDS = 10.0
+
+
+def kvm_usable() -> bool:
+    """True only with a real kvm_intel/kvm_amd and no kvm_pvm (which cannot run a stock kernel)."""
+    modules = Path("/sys/module")
+    return (os.access("/dev/kvm", os.R_OK | os.W_OK)
+            and any((modules / name).exists() for name in ("kvm_intel", "kvm_amd"))
+            and not (modules / "kvm_pvm").exists())
+
+
+@dataclass
+class Boot:
+    """One boot's serial console log and when (seconds after qemu started) each line arrived."""
+
+    log: Path
+    seconds: float = 0.0
+    returncode: int | None = None
+    timed_out: bool = False
+    arrivals: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def first(self, pattern: str) -> float | None:
+        """Seconds after start at which a line matching ``pattern`` first arrived."""
+        regex = re.compile(pattern)
+        return next((at for at, line in self.arrivals if regex.search(line)), None)
+
+
+def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int, log: Path,
+         timeout: float, done_marker: str) -> Boot:
+    """Boot until qemu exits, or ``timeout`` passes, or the guest printed ``done_marker`` and
+    did not power off soon after (qemu is killed then); the guest's
+    ``GUEST_SERVER`` reaches 127.0.0.1:``host_port``.  stdin is /dev/null, so nobody can type
+    the passphrase at systemd's console prompt."""
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else ["-accel", "tcg", "-cpu", "max"]
+    address, port = GUEST_SERVER
+    forward = f"guestfwd=tcp:{address}:{port}-cmd:socat - TCP:127.0.0.1:{host_port}"
+    argv = [QEMU, *accel, "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none",
+            "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", append,
+            "-drive", f"file={disk},format=raw,if=virtio,snapshot=on",
+            "-netdev", f"user,id=n0,restrict=on,{forward}",
+            "-device", "virtio-net-pci,netdev=n0"]
+    result = Boot(log)
+    start = time.monotonic()
+    with open(log, "wb") as output:
+        output.write(f"# {shlex.join(argv)}\n".encode())
+        output.flush()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        assert process.stdout is not None
+        os.set_blocking(process.stdout.fileno(), False)
+        pending = b""
+        deadline = start + timeout
+        try:
+            while True:
+                now = time.monotonic()
+                elapsed = now - start
+                if now > deadline:
+                    result.timed_out = not any(done_marker in line
+                                               for _, line in result.arrivals)
+                    break
+                chunk = _read(process.stdout.fileno())
+                if chunk is None:
+                    break  # qemu closed its output: it has exited
+                if chunk:
+                    output.write(chunk)
+                    output.flush()
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        text = line.decode(errors="replace").rstrip("\r")
+                        result.arrivals.append((elapsed, text))
+                        if done_marker in text:  # the guest powers off right after
+                            deadline = min(deadline, now + POWEROFF_SECONDS)
+                else:
+                    time.sleep(0.05)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            result.returncode = process.wait()
+            process.stdout.close()
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _read(descriptor: int) -> bytes | None:
+    """What is there to read now: bytes (maybe empty), or None at end of file."""
+    try:
+        data = os.read(descriptor, 65536)
+    except BlockingIOError:
+        return b""
+    return data if data else None

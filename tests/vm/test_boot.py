@@ -1,0 +1,141 @@
+"""The whole chain in a real boot: a qemu VM whose root file system is LUKS2-encrypted boots a
+dracut/systemd initramfs carrying our module (dracut-module/90mandos-agent); systemd-cryptsetup
+asks for the passphrase; our agent, started by its .path unit, fetches it from OUR server on
+host loopback (named by ``mandos=connect:`` on the kernel command line) and answers; the root is
+mounted from /dev/mapper/luks-UUID and its /sbin/init prints ROOT-UNLOCKED-OK.
+
+qemu's stdin is /dev/null, so the console prompt that systemd shows in parallel cannot be what
+answered.  The images are cached (tests/vm/images.py); a warm run is one boot, about 20 s
+under TCG.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers.ours import OurServer, clients_conf
+from tests.vm import images, qemu
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+#: Host programs the images and the boot need (./dev setup installs them).
+PROGRAMS = ("qemu-system-x86_64", "dracut", "lsinitrd", "socat", "cryptsetup", "mkfs.ext4",
+            "apt-get", "dpkg-deb", "depmod", "zstd", "gpg")
+BOOT_TIMEOUT = 90.0
+DONE = "ROOT-UNLOCKED-OK"
+CLIENT = "vmtest"
+UNITS = "usr/lib/systemd/system"
+
+
+@pytest.fixture(scope="module")
+def vm_images() -> images.VmImages:
+    missing = [program for program in PROGRAMS if shutil.which(program) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run ./dev setup", pytrace=False)
+    return images.build()
+
+
+@pytest.fixture
+def server(vm_images: images.VmImages) -> Iterator[OurServer]:
+    """Our server on 127.0.0.1 with one client: the VM's key set, its secret the LUKS
+    passphrase, encrypted by our keygen."""
+    section = subprocess.run(
+        [sys.executable, "-m", "password_agent.keygen", "--dir", str(vm_images.keydir),
+         "--name", CLIENT, "--passfile", str(vm_images.passphrase)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True,
+        cwd=images.REPO).stdout
+    with OurServer(clients_conf(section)) as running:
+        yield running
+
+
+def kernel_command_line(disk: images.Disk, *extra: str) -> str:
+    uuid = disk.luks_uuid
+    address, port = qemu.GUEST_SERVER
+    return " ".join([
+        "console=ttyS0", f"rd.luks.uuid={uuid}", f"root=/dev/mapper/luks-{uuid}",
+        "rootfstype=ext4", "rw",
+        # Every failure ends the VM at once instead of sitting at an emergency shell.
+        "rd.shell=0", "rd.emergency=poweroff", "panic=-1", "systemd.show_status=1",
+        "loglevel=4",
+        # The module writes rd.neednet=1 only into host-only images; this one is generic.
+        "ip=dhcp", "rd.neednet=1", f"mandos=connect:{address}:{port}", *extra])
+
+
+def test_our_agent_unlocks_the_luks_root(vm_images: images.VmImages, server: OurServer,
+                                         tmp_path: Path) -> None:
+    result = qemu.boot(kernel=vm_images.kernel.vmlinuz, initrd=vm_images.initrd,
+                       disk=vm_images.disk.image,
+                       append=kernel_command_line(vm_images.disk), host_port=server.port,
+                       log=tmp_path / "serial.log", timeout=BOOT_TIMEOUT, done_marker=DONE)
+    console = result.text
+    context = f"serial console ({result.log}), last lines:\n" + "\n".join(
+        console.splitlines()[-40:])
+
+    assert not result.timed_out, f"no {DONE} within {BOOT_TIMEOUT:g} s; {context}"
+    assert result.first(DONE) is not None, f"the root was not reached; {context}"
+    uuid = vm_images.disk.luks_uuid
+    assert f"root mount: /dev/mapper/luks-{uuid} / ext4" in console, context
+    assert result.first(r"mandos-password-agent: answered ask\.\S+ \(Id cryptsetup:") \
+        is not None, f"our agent did not say it answered; {context}"
+    assert "Traceback" not in console, context
+    assert server.journal is not None
+    sent = server.journal.find("secret-sent", MANDOS_CLIENT=CLIENT)
+    assert len(sent) == 1, f"server journal: {server.journal.entries}; {context}"
+    timings = {name: result.first(pattern) for name, pattern in (
+        ("initramfs", r"Welcome to .*\(Initramfs\)"),
+        ("request", r"mandos-password-agent: request ask\."),
+        ("answered", r"mandos-password-agent: answered ask\."),
+        ("root", DONE))}
+    print("VM boot seconds after qemu start:",
+          ", ".join(f"{name} {at:.1f}" for name, at in timings.items() if at is not None))
+
+
+def lsinitrd(image: Path, *files: str) -> str:
+    """The image's listing, or with ``files`` their contents."""
+    argv = ["lsinitrd", *(arg for name in files for arg in ("-f", name)), str(image)]
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True
+                          ).stdout.decode(errors="replace")
+
+
+def test_initramfs_holds_the_agent_and_nothing_it_must_not(vm_images: images.VmImages) -> None:
+    """What the module put in: the interpreter, the agent, its keys private, the units enabled
+    with mandos=off honoured; and what it left out: the keygen, cryptography, Python's OpenSSL
+    modules and libssl (libcrypto is there anyway, for cryptsetup)."""
+    listing = lsinitrd(vm_images.initrd)
+    # "mode links user group size month day time path[ -> target]"
+    entries = {line.split(None, 8)[8].split(" -> ")[0]: line
+               for line in listing.splitlines() if re.match(r"[-dlcbps][-rwxsStT]{9} ", line)}
+    agent = "usr/lib/mandos-password-agent"
+    for path in ("usr/bin/python3", f"{agent}/password_agent/__main__.py",
+                 f"{agent}/password_agent/__pycache__/agent.cpython-311.pyc",
+                 f"{agent}/mandos_protocol/gnutls.py", f"{agent}/gnupg.py",
+                 f"{agent}/inotify_simple.py", "usr/lib/python3.11/os.py",
+                 "usr/lib/python3.11/lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so",
+                 "usr/lib/x86_64-linux-gnu/libgnutls.so.30", "usr/bin/gpg", "usr/bin/gpg-agent",
+                 "usr/bin/gpgconf",
+                 "etc/systemd/system/sysinit.target.wants/mandos-password-agent.path"):
+        assert path in entries, f"{path} is missing from the initramfs"
+    for name in ("pubkey.txt", "seckey.txt", "tls-pubkey.pem", "tls-privkey.pem"):
+        line = entries[f"etc/mandos/keys/{name}"]
+        assert line.startswith("-rw------- ") and " root " in line, line
+    assert entries["etc/mandos/keys"].startswith("drwx------"), entries["etc/mandos/keys"]
+    unwanted = [path for path in entries
+                if re.search(r"keygen|cryptography|libssl|_hashlib|/_ssl\.|/ssl\.py", path)]
+    assert not unwanted, f"in the initramfs but not wanted: {unwanted}"
+    # A generic (not host-only) image must not force the network up on every boot.
+    assert "etc/cmdline.d/90mandos-agent.conf" not in entries
+    units = lsinitrd(vm_images.initrd, f"{UNITS}/mandos-password-agent.service",
+                     f"{UNITS}/mandos-password-agent.path")
+    assert units.count("ConditionKernelCommandLine=!mandos=off") == 2, units
+    assert "ExecStart=/usr/bin/python3 -m password_agent --keydir /etc/mandos/keys" in units
+    assert "After=network-online.target" not in units  # it retries instead of waiting
+    dropin = lsinitrd(vm_images.initrd,
+                      f"{UNITS}/mandos-password-agent.service.d/50-networkd.conf")
+    assert "Wants=systemd-networkd.service" in dropin, dropin
