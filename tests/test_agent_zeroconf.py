@@ -1,6 +1,7 @@
 """The password agent without ``--connect``: it browses with Zeroconf (lazily importing
 :mod:`password_agent.browse`) and asks what it finds, here our announcer in the other network
-namespace of a veth pair, serving the upstream-made blob.  Also: what the agent imports when it
+namespace of a veth pair serving the upstream-made blob, our real server announcing itself,
+and upstream's real server announced by a real avahi-daemon.  Also: what the agent imports when it
 does not browse (the initramfs has no room for more)."""
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import pytest
 
 from tests.conftest import UpstreamClient
 from tests.peers.ask import FakeRequester
+from tests.peers.dbus import PrivateSystemBus
 from tests.peers.netns import VethPair
-from tests.peers.zeroconf import PORT, Announcement
+from tests.peers.upstream import UpstreamServer
+from tests.peers.zeroconf import PORT, Announcement, AvahiDaemon, OurServerInNamespace
 from tests.test_agent_interop import AgentRun
 
 pytestmark = pytest.mark.interop
@@ -37,31 +40,69 @@ def test_agent_imports_only_what_the_initramfs_has() -> None:
     assert "zeroconf" not in loaded and "cryptography" not in loaded
 
 
-def test_agent_finds_the_server_with_zeroconf(
-        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_private: Path,
-        tmp_path: Path) -> None:
-    secret = tmp_private / "secret"
-    secret.write_bytes(upstream_client.secret)
+def _agent_answers_by_zeroconf(veth_pair: VethPair, client: UpstreamClient,
+                               tmp_path: Path) -> str:
+    """Run the agent without --connect in side B while a Mandos server is announced in side A;
+    the request must get the password.  Returns the agent's log."""
     requests = tmp_path / "ask-password"
     requests.mkdir()
     work = Path(tempfile.mkdtemp(prefix="mpa-"))
     agent: AgentRun | None = None
     try:
-        with Announcement(veth_pair.a, PORT, serve=(upstream_client.keys.key_id, secret)), \
-                FakeRequester(requests) as fake:
+        with FakeRequester(requests) as fake:
             agent = AgentRun(
-                ["--keydir", str(upstream_client.keys.directory), "--run-directory",
+                ["--keydir", str(client.keys.directory), "--run-directory",
                  str(work / "run"), "--kernel-cmdline", "/dev/null", "--timeout", "30",
                  "--agent-directory", str(requests), "--interface", veth_pair.b.interface],
                 work / "agent.log", functools.partial(VethPair.wrap, veth_pair.b))
-            assert fake.receive(25) == b"+" + upstream_client.password, agent.log()
+            assert fake.receive(25) == b"+" + client.password, agent.log()
             fake.remove_ask_file()
             assert agent.wait() == 0, agent.log()
         log = agent.log()
         assert "Zeroconf found" in log
-        assert upstream_client.password.decode() not in log
+        assert client.password.decode() not in log
         assert [path.name for path in (work / "run").iterdir()] == ["answered"]
+        return log
     finally:
         if agent is not None:
             agent.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _fetched_over_link_local(log: str, veth_pair: VethPair, port: int) -> bool:
+    """Whether the agent got its blob from side A's link-local address, scoped to side B."""
+    return (f"[{veth_pair.a.link_local}%{veth_pair.b.ifindex}]:{port} sent" in log
+            or f"[{veth_pair.a.link_local}%{veth_pair.b.interface}]:{port} sent" in log)
+
+
+def test_agent_finds_the_announcer_with_zeroconf(
+        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_private: Path,
+        tmp_path: Path) -> None:
+    secret = tmp_private / "secret"
+    secret.write_bytes(upstream_client.secret)
+    with Announcement(veth_pair.a, PORT, serve=(upstream_client.keys.key_id, secret)):
+        _agent_answers_by_zeroconf(veth_pair, upstream_client, tmp_path)
+
+
+def test_agent_finds_our_server_with_zeroconf_over_link_local(
+        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_path: Path) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="mandos-test-server-"))
+    try:
+        with OurServerInNamespace(veth_pair.a, upstream_client.section, directory):
+            log = _agent_answers_by_zeroconf(veth_pair, upstream_client, tmp_path)
+        assert _fetched_over_link_local(log, veth_pair, PORT), log
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_agent_finds_upstreams_own_announcement(
+        veth_pair: VethPair, private_bus: PrivateSystemBus, upstream_client: UpstreamClient,
+        tmp_path: Path) -> None:
+    """The real ``mandos`` announcing through a real avahi-daemon (IPv6 only, as upstream
+    publishes)."""
+    with AvahiDaemon(veth_pair.a, private_bus), UpstreamServer(
+            upstream_client.section, address=None, zeroconf=True,
+            interface=veth_pair.a.interface, netns=veth_pair.a.netns,
+            bus=private_bus) as server:
+        log = _agent_answers_by_zeroconf(veth_pair, upstream_client, tmp_path)
+    assert _fetched_over_link_local(log, veth_pair, server.port), log
