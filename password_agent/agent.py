@@ -3,11 +3,15 @@ network or the server is not there yet; exit when nothing is left.
 
 A simple blocking loop: every wait is a poll on the inotify descriptor with a deadline, so the
 agent sleeps between attempts, notices at once when the last request goes away, and starts
-fast in the initramfs (no threads, no asyncio).
+fast in the initramfs (no asyncio).  One thing runs alongside: as soon as a request is
+pending, a :class:`~password_agent.decrypt.Decryptor` prepares the GnuPG home in the
+background while the blob is fetched, and it is removed only once no request is pending, so
+that the answer goes out first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +21,7 @@ from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority
 from password_agent.answered import AnsweredRecord
 from password_agent.asks import socket_problem
-from password_agent.decrypt import decrypt_blob
+from password_agent.decrypt import Decryptor
 from password_agent.errors import AgentError
 from password_agent.fetch import CONNECT_TIMEOUT, TLS_TIMEOUT, fetch_blob
 from password_agent.reply import send_password
@@ -92,34 +96,59 @@ class Agent:
         self._priority: Priority | None = None
         self._record: AnsweredRecord | None = None
         self._run_directory: Path | None = None
+        self._decryptor: Decryptor | None = None
 
     def _prepare(self) -> None:
-        """Load what fetching and answering need, once, when the first request is pending:
-        key problems are reported at once, and an idle start costs nothing."""
+        """Load what fetching and answering need when a request is pending: once, key checks,
+        the run directory and the TLS credentials (key problems are reported at once, and an
+        idle start costs nothing); and the GnuPG home, started first so that gpg works while
+        the rest loads and the blob is fetched."""
+        keys = self.config.keys
+        if self._record is None:
+            for path in (keys.pubkey, keys.seckey):
+                if not path.is_file():
+                    raise AgentError(f"OpenPGP key file {path} is missing; check --pubkey/"
+                                     "--seckey or --keydir")
+            try:
+                self._run_directory = private_directory(self.config.run_directory)
+            except AgentError as error:
+                log.warning("%s; answers are remembered only until exit", error)
+            self._record = AnsweredRecord(
+                None if self._run_directory is None else self._run_directory / "answered")
+        with contextlib.suppress(AgentError):  # reported when there is a blob to decrypt
+            self._gnupg_home()
         if self._credentials is not None:
             return
-        keys = self.config.keys
-        for path in (keys.pubkey, keys.seckey):
-            if not path.is_file():
-                raise AgentError(f"OpenPGP key file {path} is missing; check --pubkey/--seckey "
-                                 "or --keydir")
         try:
             self._priority = Priority(self.config.priority) if self.config.priority else Priority()
             self._credentials = Credentials.raw_public_key_files(keys.tls_pubkey,
                                                                  keys.tls_privkey)
         except ProtocolError as error:
             raise AgentError(f"{error}; check --tls-pubkey/--tls-privkey/--priority") from None
-        try:
-            self._run_directory = private_directory(self.config.run_directory)
-        except AgentError as error:
-            log.warning("%s; answers are remembered only until exit", error)
-        self._record = AnsweredRecord(
-            None if self._run_directory is None else self._run_directory / "answered")
         if self.config.interface and not self.config.connect:
             wait_for_interface(self.config.interface, self.config.delay)
 
+    def _gnupg_home(self) -> Decryptor:
+        """The GnuPG home being prepared (or ready) for this busy spell; started if none is."""
+        if self._decryptor is None:
+            keys = self.config.keys
+            self._decryptor = Decryptor(keys.pubkey, keys.seckey, self._run_directory)
+        return self._decryptor
+
+    def _close_decryptor(self) -> None:
+        """Stop gpg-agent and remove the GnuPG home, if there is one."""
+        if self._decryptor is not None:
+            decryptor, self._decryptor = self._decryptor, None
+            decryptor.close()
+
     def run(self) -> int:
         """Answer pending requests until none is left; the process exit status."""
+        try:
+            return self._run()
+        finally:
+            self._close_decryptor()
+
+    def _run(self) -> int:
         deadline = _Deadline(self.config.timeout)
         with RequestWatcher(self.config.agent_directory,
                             all_requests=self.config.all_requests) as watcher:
@@ -127,6 +156,7 @@ class Agent:
             while True:
                 watcher.poll()
                 if not watcher.pending:
+                    self._close_decryptor()  # the answers, if any, went out already
                     watcher.wait_until_idle(deadline.at)
                     if watcher.pending:
                         continue
@@ -182,10 +212,10 @@ class Agent:
                 continue
             log.info("%s sent %d bytes", server, len(blob))
             try:
-                return decrypt_blob(blob, self.config.keys.pubkey, self.config.keys.seckey,
-                                    self._run_directory)
+                return self._gnupg_home().decrypt(blob)
             except AgentError as error:
                 log.warning("%s: %s", server, error)
+                self._close_decryptor()  # the next attempt starts over with a fresh home
         return None
 
     def _answer(self, watcher: RequestWatcher, password: bytearray) -> None:

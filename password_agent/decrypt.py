@@ -1,61 +1,113 @@
-"""Decrypting the blob: gpg, through python-gnupg, in a fresh private GnuPG home.
+"""Decrypting the blob: gpg, through python-gnupg, in a private GnuPG home prepared ahead.
 
 As upstream's client does: a temporary GNUPGHOME (0700) under ``/run`` (falling back to the
-temporary directory), our ``pubkey.txt`` and ``seckey.txt`` imported, the blob decrypted, then
-gpg-agent stopped and the home removed, also on failure.  The plaintext reaches us through gpg's
-stdout pipe into a ``bytearray`` that the caller zeroes; it never touches a file.
+temporary directory) with our ``pubkey.txt`` and ``seckey.txt`` imported; the blob is decrypted
+there, then gpg-agent is stopped and the home removed, also on failure.
+
+Preparing the home does not need the blob, and it is most of gpg's time: python-gnupg's
+``gpg --list-config`` probe (its constructor always runs it), then one ``gpg --import`` of both
+key files, which starts gpg-agent.  So a :class:`Decryptor` prepares it in a background thread
+from the moment a request is pending, while the agent connects and fetches; only the
+decryption itself (gpg-agent's RSA operation) is left between the blob and the answer.  The
+home is kept while requests stay pending (over retries, as upstream's client keeps its GPGME
+home), and removed once none is, after the answer went out.
+
+The plaintext reaches us through gpg's stdout pipe into a ``bytearray`` that the caller zeroes;
+it never touches a file.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import gnupg
 
 from password_agent.errors import AgentError
-from password_agent.gnupghome import private_home
+from password_agent.gnupghome import make_home, remove_home
 
 log = logging.getLogger(__name__)
 
 # python-gnupg logs imported key data at DEBUG level: keep it quiet whatever the agent's level.
 logging.getLogger("gnupg").setLevel(logging.WARNING)
 
+#: How long closing waits for an unfinished preparation before stopping gpg-agent regardless
+#: (an agent started after that exits by itself when its home is removed).
+_PREPARE_JOIN_TIMEOUT = 10.0
 
-def _import(gpg: gnupg.GPG, path: Path) -> None:
+
+def _read_key(path: Path) -> bytes:
     try:
-        key_data = path.read_bytes()
+        return path.read_bytes()
     except OSError as error:
         raise AgentError(f"cannot read OpenPGP key file {path}: {error.strerror}; check "
                          "--pubkey/--seckey or --keydir") from None
-    result = gpg.import_keys(key_data)
-    if not result.count:
-        raise AgentError(f"gpg imported no key from {path}; is it an OpenPGP key "
-                         "(mandos-keygen's pubkey.txt/seckey.txt)?")
 
 
-def decrypt_blob(blob: bytes, pubkey: Path, seckey: Path, run_directory: Path | None
-                 ) -> bytearray:
-    """The password in ``blob`` (binary OpenPGP, encrypted to our key), as a ``bytearray`` the
-    caller zeroes after use; :class:`AgentError` if gpg cannot decrypt it."""
-    plaintext = bytearray()
+class Decryptor:
+    """A private GnuPG home with our key pair, prepared in the background from construction
+    on; :meth:`decrypt` waits for it.  :meth:`close` (or leaving the ``with`` block) stops its
+    gpg-agent and removes it."""
 
-    def collect(chunk: bytes) -> bool:
-        plaintext.extend(chunk)
-        return False  # python-gnupg keeps nothing
+    def __init__(self, pubkey: Path, seckey: Path, run_directory: Path | None) -> None:
+        self._home = make_home("gnupg.", run_directory)
+        self._gpg: gnupg.GPG | None = None
+        self._failure: Exception | None = None
+        self._preparing = threading.Thread(target=self._prepare, args=(pubkey, seckey),
+                                           name="gnupg-home", daemon=True)
+        self._preparing.start()
 
-    with private_home("gnupg.", run_directory) as home:
+    def __enter__(self) -> Decryptor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _prepare(self, pubkey: Path, seckey: Path) -> None:
+        """The background part: construct the GPG object, import both key files at once."""
         try:
-            gpg = gnupg.GPG(gnupghome=str(home))
-        except (OSError, ValueError, RuntimeError) as error:
-            raise AgentError(f"cannot run gpg (Debian package gnupg): {error}") from None
+            key_data = _read_key(pubkey) + b"\n" + _read_key(seckey)
+            try:
+                gpg = gnupg.GPG(gnupghome=str(self._home))
+            except (OSError, ValueError, RuntimeError) as error:
+                raise AgentError(f"cannot run gpg (Debian package gnupg): {error}") from None
+            result = gpg.import_keys(key_data)
+            if not result.sec_read:
+                raise AgentError(f"gpg imported no secret key from {seckey} (and {pubkey}); "
+                                 "are they OpenPGP keys (mandos-keygen's pubkey.txt/"
+                                 "seckey.txt)?")
+            self._gpg = gpg
+        except Exception as error:  # handed to decrypt(), in the agent's thread
+            self._failure = error
+
+    def decrypt(self, blob: bytes) -> bytearray:
+        """The password in ``blob`` (binary OpenPGP, encrypted to our key), as a ``bytearray``
+        the caller zeroes after use; :class:`AgentError` if gpg cannot decrypt it."""
+        self._preparing.join()
+        if self._failure is not None:
+            raise self._failure
+        gpg = self._gpg
+        assert gpg is not None
+        plaintext = bytearray()
+
+        def collect(chunk: bytes) -> bool:
+            plaintext.extend(chunk)
+            return False  # python-gnupg keeps nothing
+
         gpg.on_data = collect
-        _import(gpg, pubkey)
-        _import(gpg, seckey)
-        result = gpg.decrypt(blob, always_trust=True)
+        try:
+            result = gpg.decrypt(blob, always_trust=True)
+        finally:
+            gpg.on_data = None
         if not result.ok:
             plaintext[:] = bytes(len(plaintext))
             status = result.status or "no status"
             raise AgentError(f"gpg cannot decrypt the server's blob ({status}); was the "
                              "secret made for this key set?")
         return plaintext
+
+    def close(self) -> None:
+        """Stop gpg-agent and remove the home (once the preparation is over)."""
+        self._preparing.join(_PREPARE_JOIN_TIMEOUT)
+        remove_home(self._home)

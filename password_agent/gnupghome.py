@@ -32,9 +32,9 @@ def _fits(parent: Path | str, prefix: str) -> bool:
     return len(os.fsencode(longest)) <= _SOCKET_PATH_MAX
 
 
-def _make(prefix: str, preferred: Path | None) -> Path:
-    """In ``preferred`` if usable, else in the temporary directory, else in /tmp: wherever the
-    agent's socket paths fit."""
+def make_home(prefix: str, preferred: Path | None = None) -> Path:
+    """A fresh 0700 GNUPGHOME: in ``preferred`` (e.g. a directory under /run) if usable, else
+    in the temporary directory, else in /tmp: wherever the agent's socket paths fit."""
     candidates: list[Path | str] = [tempfile.gettempdir(), "/tmp"]
     if preferred is not None:
         candidates.insert(0, preferred)
@@ -49,17 +49,23 @@ def _make(prefix: str, preferred: Path | None) -> Path:
                      + ", ".join(str(c) for c in candidates))
 
 
+def remove_home(home: Path) -> None:
+    """Stop the gpg-agent of ``home`` and remove it: no key material and no agent outlives
+    the operation."""
+    try:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=_GPGCONF_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.warning("cannot stop gpg-agent for %s: %s", home, error)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @contextmanager
 def private_home(prefix: str, preferred: Path | None = None) -> Iterator[Path]:
-    """A fresh 0700 GNUPGHOME, in ``preferred`` (e.g. a directory under /run) when possible."""
-    home = _make(prefix, preferred)
+    """:func:`make_home`, removed with :func:`remove_home` on exit, also on failure."""
+    home = make_home(prefix, preferred)
     try:
         yield home
     finally:
-        try:
-            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=_GPGCONF_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            log.warning("cannot stop gpg-agent for %s: %s", home, error)
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)

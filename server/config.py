@@ -247,6 +247,10 @@ def load_clients(path: Path) -> dict[str, ClientConfig]:
 def load_server_settings(configdir: Path, overrides: Mapping[str, object]) -> ServerSettings:
     """mandos.conf's ``[DEFAULT]`` (other sections are ignored, as upstream) with the
     command-line ``overrides`` (option name -> value; None means not given) applied on top."""
+    if not configdir.is_dir():
+        # Upstream starts with no clients here; a mistyped --configdir deserves better.
+        raise ConfigError(f"configuration directory {configdir} does not exist; check "
+                          "--configdir")
     path = configdir / "mandos.conf"
     parser = configparser.ConfigParser(defaults=SERVER_DEFAULTS)
     _read(parser, path)

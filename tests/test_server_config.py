@@ -174,3 +174,11 @@ def test_help_documents_no_dbus_and_hides_test_options() -> None:
     assert result.returncode == 0
     assert "--no-dbus" in result.stdout and "se.recompile.Mandos" in result.stdout
     assert "--journal-socket" not in result.stdout
+
+
+def test_missing_configdir_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_server(f"--configdir={tmp_path / 'nonexistent'}", "--no-zeroconf",
+                        "--port=0")
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "configuration directory" in result.stderr and "does not exist" in result.stderr
