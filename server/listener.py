@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Any
 from mandos_protocol import tls_asyncio
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import MAX_PROTOCOL_LINE, key_id, parse_protocol_line
+from mandos_protocol.wire import MAX_PROTOCOL_LINE, PROTOCOL_LINE, key_id, parse_protocol_line
 from server.clients import ClientTable
 from server.config import ConfigError
 from server.journal import DEBUG, Event, Journal
@@ -112,39 +111,57 @@ def format_peer(address: object) -> str:
     return str(address) or "local"
 
 
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
+def protocol_line_reader(sock: socket.socket) -> Callable[[], bytes]:
+    """A non-blocking call (for :class:`tls_asyncio.Driver`) returning the first line, up to
+    and including ``\\n``, never reading past it (the TLS handshake follows) and never more
+    than MAX_PROTOCOL_LINE bytes.
 
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-async def read_protocol_line(sock: socket.socket) -> bytes:
-    """The first line, up to and including ``\\n``, never reading past it (the TLS handshake
-    follows) and never more than MAX_PROTOCOL_LINE bytes."""
+    The first read takes ``len(PROTOCOL_LINE)`` bytes: every Mandos client sends exactly
+    that, so one ``recv`` usually reads the whole line.  Only a longer or slower line is
+    read with ``MSG_PEEK`` first, to stop at the newline.  A line shorter than that is
+    followed by nothing (the peer waits for our ClientHello), or else it is garbage.
+    """
     line = b""
-    while True:
-        try:
+
+    def attempt() -> bytes:
+        nonlocal line
+        while True:
+            if not line:
+                chunk = sock.recv(len(PROTOCOL_LINE))
+                if not chunk:
+                    raise ProtocolError("the peer closed the connection before the protocol line")
+                end = chunk.find(b"\n")
+                if end >= 0:
+                    if end + 1 < len(chunk):
+                        raise ProtocolError("the peer sent data after its protocol line")
+                    return chunk
+                line = chunk
+                continue
             peeked = sock.recv(MAX_PROTOCOL_LINE - len(line), socket.MSG_PEEK)
-        except BlockingIOError:
-            await _readable(sock.fileno())
-            continue
-        if not peeked:
-            raise ProtocolError("the peer closed the connection before the protocol line")
-        end = peeked.find(b"\n")
-        if end >= 0:
-            return line + sock.recv(end + 1)
-        line += sock.recv(len(peeked))
-        if len(line) >= MAX_PROTOCOL_LINE:
-            raise ProtocolError("protocol line too long")
-        await _readable(sock.fileno())
+            if not peeked:
+                raise ProtocolError("the peer closed the connection before the protocol line")
+            end = peeked.find(b"\n")
+            if end >= 0:
+                line += sock.recv(end + 1)
+                return line
+            line += sock.recv(len(peeked))
+            if len(line) >= MAX_PROTOCOL_LINE:
+                raise ProtocolError("protocol line too long")
+
+    return attempt
+
+
+def _sender(session: Session, data: bytes) -> Callable[[], None]:
+    """A non-blocking call (for :class:`tls_asyncio.Driver`) sending all of ``data``, keeping
+    its progress across BlockingIOError."""
+    view = memoryview(data)
+
+    def attempt() -> None:
+        nonlocal view
+        while view:
+            view = view[session.send(view):]
+
+    return attempt
 
 
 class Listener:
@@ -194,25 +211,30 @@ class Listener:
         with connection:  # non-blocking already: loop.sock_accept made it so
             if connection.family in (socket.AF_INET, socket.AF_INET6):
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                async with asyncio.timeout(LINE_DEADLINE):
-                    parse_protocol_line(await read_protocol_line(connection))
-            except (ProtocolError, TimeoutError, OSError) as error:
-                self._failed(peer, "before TLS", error)
-                return
             fd = connection.fileno()
-            with Session.for_mandos_server(fd, self.credentials, self.priority,
-                                           nonblocking=True) as session:
+            driver = tls_asyncio.Driver(fd)
+            try:
                 try:
-                    async with asyncio.timeout(HANDSHAKE_DEADLINE):
-                        await tls_asyncio.run(session, fd, session.handshake)
-                    peer_key = key_id(session.peer_public_key())
+                    parse_protocol_line(
+                        await driver.run(protocol_line_reader(connection), LINE_DEADLINE))
                 except (ProtocolError, TimeoutError, OSError) as error:
-                    self._failed(peer, "in the TLS handshake", error)
+                    self._failed(peer, "before TLS", error)
                     return
-                await self._serve(session, fd, peer, peer_key)
+                with Session.for_mandos_server(fd, self.credentials, self.priority,
+                                               nonblocking=True) as session:
+                    driver.session = session
+                    try:
+                        await driver.run(session.handshake, HANDSHAKE_DEADLINE)
+                        peer_key = key_id(session.peer_public_key())
+                    except (ProtocolError, TimeoutError, OSError) as error:
+                        self._failed(peer, "in the TLS handshake", error)
+                        return
+                    await self._serve(session, driver, peer, peer_key)
+            finally:
+                driver.close()
 
-    async def _serve(self, session: Session, fd: int, peer: str, peer_key: str) -> None:
+    async def _serve(self, session: Session, driver: tls_asyncio.Driver, peer: str,
+                     peer_key: str) -> None:
         """Decide and send, then close_notify (also after every refusal)."""
         cancelled = False
         try:
@@ -225,12 +247,7 @@ class Listener:
             secret = await client.authorize(peer)
             if secret is None:
                 return
-            view = memoryview(secret)
-            async with asyncio.timeout(SEND_DEADLINE):
-                while view:
-                    sent = await tls_asyncio.run(session, fd,
-                                                 functools.partial(session.send, view))
-                    view = view[sent:]
+            await driver.run(_sender(session, secret), SEND_DEADLINE)
             client.secret_sent(peer)
         except asyncio.CancelledError:
             cancelled = True
@@ -238,16 +255,15 @@ class Listener:
         except (ProtocolError, TimeoutError, OSError) as error:
             self._failed(peer, "while sending", error, key=peer_key)
         finally:
-            await self._bye(session, fd, quick=cancelled)
+            await self._bye(session, driver, quick=cancelled)
 
-    async def _bye(self, session: Session, fd: int, *, quick: bool) -> None:
+    async def _bye(self, session: Session, driver: tls_asyncio.Driver, *, quick: bool) -> None:
         """close_notify, waiting (with a deadline) for the peer's unless we are stopping."""
         with contextlib.suppress(ProtocolError, BlockingIOError, OSError, TimeoutError):
             if quick:
                 session.bye(wait_for_peer=False)
                 return
-            async with asyncio.timeout(SEND_DEADLINE):
-                await tls_asyncio.run(session, fd, session.bye)
+            await driver.run(session.bye, SEND_DEADLINE)
 
     def _failed(self, peer: str, where: str, error: BaseException, *, key: str = "") -> None:
         reason = str(error) or "timed out"
