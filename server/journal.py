@@ -169,7 +169,8 @@ class Journal:
             line += f" [{details}]"
         stream = self._stream if self._stream is not None else sys.stderr
         with contextlib.suppress(OSError, ValueError):
-            print(line, file=stream, flush=True)
+            stream.write(line + "\n")  # one write per entry, not print()'s two
+            stream.flush()
 
     def close(self) -> None:
         if self._socket is not None:
