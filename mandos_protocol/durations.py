@@ -76,21 +76,3 @@ def parse_duration(text: str) -> datetime.timedelta:
                 "or as a list like '5m 30s' (units s m h d w)"
             ) from None
     return total
-
-
-def format_rfc3339(delta: datetime.timedelta) -> str:
-    """Format a non-negative duration as RFC 3339 (``P1DT2H3M4S``), whole seconds."""
-    seconds = int(delta.total_seconds())
-    if seconds < 0:
-        raise ProtocolError(f"negative duration {delta}")
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    date = f"{days}D" if days else ""
-    # Upstream's chain: H may only be followed by M, so "PT1H0M1S", never "PT1H1S".
-    units = [(hours, "H"), (minutes, "M"), (seconds, "S")]
-    used = [i for i, (value, _) in enumerate(units) if value]
-    time = "".join(f"{v}{u}" for v, u in units[used[0]:used[-1] + 1]) if used else ""
-    if not date and not time:
-        return "PT0S"
-    return "P" + date + ("T" + time if time else "")

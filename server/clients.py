@@ -67,7 +67,6 @@ class Client:
         self.show_checker_output = show_checker_output
         self.approved: bool | None = None
         self.approvals_pending = 0
-        self.checker_command: str | None = None
         self._checker_task: asyncio.Task[None] | None = None
         self._checker_timer: asyncio.TimerHandle | None = None
         self._disable_timer: asyncio.TimerHandle | None = None
@@ -238,7 +237,6 @@ class Client:
             self._log(Event.CHECKER_FAILED, f"Checker for {self.name} not started: {error}",
                       priority=ERR)
             return
-        self.checker_command = command
         self._log(Event.CHECKER_STARTED, f"Starting checker {command!r} for {self.name}",
                   command=command)
         self._checker_task = asyncio.get_running_loop().create_task(self._run_checker(command))
