@@ -49,21 +49,14 @@ def names_seen(side: Side, wanted: set[str]) -> dict[str, Any]:
             return seen
 
 
-class Announcing:
-    """One of our announcing programs in ``side``'s namespace, in its own process group, with
-    its output in a file; ``with`` waits until ``ready`` is in the output (``failed`` in it, or
-    the program's exit, fails the test).
+class BackgroundProgram:
+    """A program in its own process group, with its output in a file; ``with`` waits until
+    ``ready`` is in the output (``failed`` in it, or the program's exit, fails the test) and
+    kills the group at the end."""
 
-    It runs in a UTS namespace of its own with the host name :attr:`hostname` (``zc-<netns>``):
-    the namespaces share the host's name otherwise, and two announcers on one link would then
-    answer for the same ``<hostname>.local.``, mixing their addresses.
-    """
-
-    def __init__(self, side: Side, argv: Sequence[str], ready: str, failed: str,
+    def __init__(self, argv: Sequence[str], ready: str, failed: str | None = None,
                  env: dict[str, str] | None = None) -> None:
-        self.hostname = f"zc-{side.netns}"
-        self.argv = VethPair.wrap(side, ["unshare", "--uts", "sh", "-c",
-                                         'hostname "$0" && exec "$@"', self.hostname, *argv])
+        self.argv = list(argv)
         self.ready = ready
         self.failed = failed
         self.env = env
@@ -85,10 +78,11 @@ class Announcing:
                     stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
             deadline = time.monotonic() + _READY_TIMEOUT
             while self.ready not in (text := self.output()):
-                if self.failed in text or self._process.poll() is not None:
-                    raise AssertionError(f"announcing failed:\n{text}")
+                if ((self.failed is not None and self.failed in text)
+                        or self._process.poll() is not None):
+                    raise AssertionError(f"{self.argv[-1]} failed:\n{text}")
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"announcing took too long:\n{text}")
+                    raise AssertionError(f"{self.argv[-1]} took too long:\n{text}")
                 time.sleep(0.02)
         except BaseException:
             self._stop()
@@ -104,6 +98,22 @@ class Announcing:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self._stop()
+
+
+class Announcing(BackgroundProgram):
+    """One of our announcing programs in ``side``'s namespace.
+
+    It runs in a UTS namespace of its own with the host name :attr:`hostname` (``zc-<netns>``):
+    the namespaces share the host's name otherwise, and two announcers on one link would then
+    answer for the same ``<hostname>.local.``, mixing their addresses.
+    """
+
+    def __init__(self, side: Side, argv: Sequence[str], ready: str, failed: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.hostname = f"zc-{side.netns}"
+        super().__init__(VethPair.wrap(side, ["unshare", "--uts", "sh", "-c",
+                                              'hostname "$0" && exec "$@"', self.hostname,
+                                              *argv]), ready, failed, env)
 
 
 class Announcement(Announcing):
@@ -164,52 +174,18 @@ enable-reflector=no
 """
 
 
-class AvahiDaemon:
+class AvahiDaemon(BackgroundProgram):
     """avahi-daemon in ``side``'s namespace on a private system bus, with a private tmpfs on
     ``/run`` (in a mount namespace of its own, gone with the daemon) so that its pid file and
     socket stay off the host."""
 
-    _START_TIMEOUT = 10.0
-
     def __init__(self, side: Side, bus: PrivateSystemBus) -> None:
-        self.side = side
-        self.bus = bus
-        self.directory = Path(tempfile.mkdtemp(prefix="mandos-test-avahi-"))
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> AvahiDaemon:
-        config = self.directory / "avahi-daemon.conf"
-        config.write_text(_AVAHI_CONFIG.format(interface=self.side.interface))
-        log_path = self.directory / "avahi.log"
         script = ('mount -t tmpfs tmpfs /run && exec avahi-daemon -f "$1" --no-drop-root '
                   "--no-chroot --no-rlimits --no-proc-title")
-        try:
-            with open(log_path, "wb") as log:
-                self._process = subprocess.Popen(
-                    VethPair.wrap(self.side, ["unshare", "-m", "--propagation", "private",
-                                              "sh", "-c", script, "sh", str(config)]),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=self.bus.environment(), start_new_session=True,
-                )
-            deadline = time.monotonic() + self._START_TIMEOUT
-            while b"Server startup complete" not in log_path.read_bytes():
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("avahi-daemon did not start:\n"
-                                       + log_path.read_text(errors="replace"))
-                time.sleep(0.05)
-        except BaseException:
-            self._stop()
-            raise
-        return self
-
-    def _stop(self) -> None:
-        if self._process is not None:
-            kill_process_group(self._process)
-            self._process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self._stop()
+        super().__init__([], ready="Server startup complete", env=bus.environment())
+        config = self.directory / "avahi-daemon.conf"
+        config.write_text(_AVAHI_CONFIG.format(interface=side.interface))
+        self.argv = VethPair.wrap(side, ["unshare", "-m", "--propagation", "private", "sh",
+                                         "-c", script, "avahi-daemon", str(config)])
 
 
