@@ -25,7 +25,7 @@ import ctypes.util
 import enum
 import functools
 import os
-from typing import Any
+from typing import Any, Self
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.wire import DEFAULT_PRIORITY
@@ -139,33 +139,30 @@ def library() -> _Library:
     return _Library()
 
 
-class Priority:
-    """A compiled GnuTLS priority string, made once and shared by every session."""
+class _Allocated:
+    """A GnuTLS object this module allocated: ``handle`` while open, freed by ``close()`` (also
+    on garbage collection); a context manager."""
 
-    def __init__(self, text: str = DEFAULT_PRIORITY) -> None:
-        gnutls = library()
+    _what = "GnuTLS object"
+
+    def __init__(self) -> None:
         self._handle = ctypes.c_void_p()
-        error_position = ctypes.c_char_p()
-        code = gnutls.lib.gnutls_priority_init(
-            ctypes.byref(self._handle), text.encode(), ctypes.byref(error_position)
-        )
-        if code < 0:
-            where = (error_position.value or b"").decode(errors="replace")
-            raise ProtocolError(f"invalid GnuTLS priority string {text!r} at {where!r}")
-        self.text = text
+
+    def _free(self, handle: ctypes.c_void_p) -> None:
+        raise NotImplementedError
 
     @property
     def handle(self) -> ctypes.c_void_p:
         if not self._handle:
-            raise ProtocolError("priority used after close()")
+            raise ProtocolError(f"{self._what} used after close()")
         return self._handle
 
     def close(self) -> None:
         if self._handle:
-            library().lib.gnutls_priority_deinit(self._handle)
+            self._free(self._handle)
             self._handle = ctypes.c_void_p()
 
-    def __enter__(self) -> Priority:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,12 +172,35 @@ class Priority:
         self.close()
 
 
-class Credentials:
+class Priority(_Allocated):
+    """A compiled GnuTLS priority string, made once and shared by every session."""
+
+    _what = "priority"
+
+    def __init__(self, text: str = DEFAULT_PRIORITY) -> None:
+        super().__init__()
+        gnutls = library()
+        error_position = ctypes.c_char_p()
+        code = gnutls.lib.gnutls_priority_init(
+            ctypes.byref(self._handle), text.encode(), ctypes.byref(error_position)
+        )
+        if code < 0:
+            where = (error_position.value or b"").decode(errors="replace")
+            raise ProtocolError(f"invalid GnuTLS priority string {text!r} at {where!r}")
+        self.text = text
+
+    def _free(self, handle: ctypes.c_void_p) -> None:
+        library().lib.gnutls_priority_deinit(handle)
+
+
+class Credentials(_Allocated):
     """GnuTLS certificate credentials: empty for the Mandos server, a raw public key pair for the
     Mandos client."""
 
+    _what = "credentials"
+
     def __init__(self) -> None:
-        self._handle = ctypes.c_void_p()
+        super().__init__()
         code = library().lib.gnutls_certificate_allocate_credentials(ctypes.byref(self._handle))
         if code < 0:
             raise library().error(code, "credential allocation")
@@ -222,25 +242,8 @@ class Credentials:
         finally:
             private_pem[:] = bytes(len(private_pem))
 
-    @property
-    def handle(self) -> ctypes.c_void_p:
-        if not self._handle:
-            raise ProtocolError("credentials used after close()")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle:
-            library().lib.gnutls_certificate_free_credentials(self._handle)
-            self._handle = ctypes.c_void_p()
-
-    def __enter__(self) -> Credentials:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
+    def _free(self, handle: ctypes.c_void_p) -> None:
+        library().lib.gnutls_certificate_free_credentials(handle)
 
 
 class Role(enum.Enum):
@@ -250,7 +253,7 @@ class Role(enum.Enum):
     MANDOS_CLIENT = "mandos-client"  # TLS server, presents a raw public key
 
 
-class Session:
+class Session(_Allocated):
     """One TLS session on a connected socket.
 
     ``timeout`` (seconds) bounds the handshake and each record read of a blocking session; a
@@ -262,9 +265,12 @@ class Session:
     """
 
     _RECV_CHUNK = 16384
+    _what = "TLS session"
 
     def __init__(self, fd: int, role: Role, credentials: Credentials, priority: Priority, *,
                  nonblocking: bool = False, timeout: float | None = None) -> None:
+        super().__init__()
+        self._buffer: Any = None
         self._gnutls = library()
         lib = self._gnutls.lib
         flags = _GNUTLS_ENABLE_RAWPK | _GNUTLS_NO_TICKETS
@@ -280,8 +286,6 @@ class Session:
         self.role = role
         self._credentials = credentials
         self._priority = priority
-        self._handle = ctypes.c_void_p()
-        self._buffer: Any = None
         code = lib.gnutls_init(ctypes.byref(self._handle), flags)
         if code < 0:
             raise self._gnutls.error(code, "session set-up")
@@ -310,12 +314,6 @@ class Session:
         """The Mandos client's side: TLS server presenting the raw public key in
         ``credentials``."""
         return cls(fd, Role.MANDOS_CLIENT, credentials, priority, **options)
-
-    @property
-    def handle(self) -> ctypes.c_void_p:
-        if not self._handle:
-            raise ProtocolError("TLS session used after close()")
-        return self._handle
 
     @property
     def want_write(self) -> bool:
@@ -396,20 +394,12 @@ class Session:
         how = _GNUTLS_SHUT_RDWR if wait_for_peer else _GNUTLS_SHUT_WR
         self._call("shutdown", self._gnutls.lib.gnutls_bye, how)
 
+    def _free(self, handle: ctypes.c_void_p) -> None:
+        library().lib.gnutls_deinit(handle)
+
     def close(self) -> None:
-        """Free the session (not the socket)."""
-        if self._handle:
-            self._gnutls.lib.gnutls_deinit(self._handle)
-            self._handle = ctypes.c_void_p()
+        """Free the session (not the socket) and zero its receive buffer."""
+        super().close()
         if self._buffer is not None:
             ctypes.memset(self._buffer, 0, len(self._buffer))
             self._buffer = None
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
