@@ -276,10 +276,16 @@ class UpstreamServer:
             (self.configdir / "mandos.conf").write_text("[DEFAULT]\n")
             if self._own_bus:
                 self.bus.start()
+            # Upstream's multiprocessing leaves pymp-* directories in TMPDIR when killed: keep
+            # them in ours, which goes with the rest.
+            tmpdir = self.directory / "tmp"
+            tmpdir.mkdir(mode=0o700)
+            os.chown(tmpdir, user.pw_uid, user.pw_gid)
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(
                     self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=self.bus.environment(), start_new_session=True,
+                    env={**self.bus.environment(), "TMPDIR": str(tmpdir)},
+                    start_new_session=True,
                 )
             self._wait_listening()
         except BaseException:
