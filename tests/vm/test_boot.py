@@ -134,7 +134,7 @@ def test_initramfs_holds_the_agent_and_nothing_it_must_not(vm_images: images.VmI
     units = lsinitrd(vm_images.initrd, f"{UNITS}/mandos-password-agent.service",
                      f"{UNITS}/mandos-password-agent.path")
     assert units.count("ConditionKernelCommandLine=!mandos=off") == 2, units
-    assert "ExecStart=/usr/bin/python3 -m password_agent --keydir /etc/mandos/keys" in units
+    assert "ExecStart=/usr/bin/python3 -S -m password_agent --keydir /etc/mandos/keys" in units
     assert "After=network-online.target" not in units  # it retries instead of waiting
     dropin = lsinitrd(vm_images.initrd,
                       f"{UNITS}/mandos-password-agent.service.d/50-networkd.conf")
