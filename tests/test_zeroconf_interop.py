@@ -105,6 +105,19 @@ def test_our_server_found_by_upstream_client_and_by_browse(
     assert blob.read_bytes() == upstream_client.secret
 
 
+def test_upstream_client_gets_password_from_our_server_over_ipv6_link_local(
+        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_private: Path) -> None:
+    """Our real server with only IPv6 link-local on its link, as on a network without DHCP:
+    upstream's client finds it by Zeroconf and connects over link-local, scoped to its own
+    interface."""
+    subprocess.run(["ip", "-n", veth_pair.a.netns, "addr", "del", f"{veth_pair.a.ipv4}/24",
+                    "dev", veth_pair.a.interface], check=True, timeout=10)
+    with OurServerInNamespace(veth_pair.a, upstream_client.section, tmp_private) as server:
+        stderr = _upstream_client_finds(server, veth_pair, upstream_client)
+    assert (f"Connection to: {veth_pair.a.link_local}%{veth_pair.b.interface}, port {PORT}"
+            in stderr), stderr
+
+
 def test_name_collision_renames_to_mandos_2(veth_pair: VethPair) -> None:
     with Announcement(veth_pair.b, PORT + 1) as first:
         assert first.name == "Mandos"
