@@ -42,16 +42,21 @@ def vm_images() -> images.VmImages:
     return images.build()
 
 
+def section_for(vm_images: images.VmImages, passfile: Path) -> str:
+    """The VM client's clients.conf section, its secret the password in ``passfile``,
+    encrypted to the VM's key set by our keygen."""
+    return subprocess.run(
+        [sys.executable, "-m", "password_agent.keygen", "--dir", str(vm_images.keydir),
+         "--name", CLIENT, "--passfile", str(passfile)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True,
+        cwd=images.REPO).stdout
+
+
 @pytest.fixture
 def server(vm_images: images.VmImages) -> Iterator[OurServer]:
     """Our server on 127.0.0.1 with one client: the VM's key set, its secret the LUKS
-    passphrase, encrypted by our keygen."""
-    section = subprocess.run(
-        [sys.executable, "-m", "password_agent.keygen", "--dir", str(vm_images.keydir),
-         "--name", CLIENT, "--passfile", str(vm_images.passphrase)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True,
-        cwd=images.REPO).stdout
-    with OurServer(clients_conf(section)) as running:
+    passphrase."""
+    with OurServer(clients_conf(section_for(vm_images, vm_images.passphrase))) as running:
         yield running
 
 
@@ -95,6 +100,32 @@ def test_our_agent_unlocks_the_luks_root(vm_images: images.VmImages, server: Our
         ("root", DONE))}
     print("VM boot seconds after qemu start:",
           ", ".join(f"{name} {at:.1f}" for name, at in timings.items() if at is not None))
+
+
+def test_a_wrong_password_is_sent_once_and_never_again(vm_images: images.VmImages,
+                                                       tmp_private: Path, tmp_path: Path) -> None:
+    """The server hands out a wrong password: systemd-cryptsetup rejects it and asks again, and
+    our agent must leave that second request to the human (none here), so the boot ends in
+    emergency, powered off, without a second try burnt."""
+    wrong = tmp_private / "wrong"
+    wrong.write_bytes(b"not the LUKS passphrase")
+    with OurServer(clients_conf(section_for(vm_images, wrong))) as server:
+        # timeout=: systemd-cryptsetup gives up on the unanswered second request soon.
+        result = qemu.boot(kernel=vm_images.kernel.vmlinuz, initrd=vm_images.initrd,
+                           disk=vm_images.disk.image,
+                           append=kernel_command_line(vm_images.disk,
+                                                      "rd.luks.options=timeout=10s"),
+                           host_port=server.port, log=tmp_path / "serial.log",
+                           timeout=BOOT_TIMEOUT, done_marker=DONE)
+    console = result.text
+    context = f"serial console ({result.log}), last lines:\n" + "\n".join(
+        console.splitlines()[-40:])
+    assert not result.timed_out, f"the VM did not power off; {context}"
+    assert result.first(DONE) is None, f"a wrong password unlocked the root?; {context}"
+    answered = re.findall(r"mandos-password-agent: answered ask\.\S+ \(Id cryptsetup:", console)
+    assert len(answered) == 1, f"answered {len(answered)} times; {context}"
+    assert result.first(r"mandos-password-agent: not answering ask\.\S+: this password was "
+                        r"already sent") is not None, context
 
 
 def lsinitrd(image: Path, *files: str) -> str:
