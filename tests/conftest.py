@@ -21,7 +21,8 @@ from tests.peers.netns import VethPair
 PEER_PROGRAMS = (
     upstream.MANDOS, upstream.MANDOS_KEYGEN, upstream.MANDOS_CTL, upstream.MANDOS_CLIENT,
     JOURNALD, "certtool", "gpg", "dbus-daemon", "ip", "unshare", "nsenter", "timeout",
-    "journalctl", "systemd-ask-password", "fping",
+    "journalctl", "systemd-ask-password", "systemd-analyze", "systemd-socket-activate",
+    "avahi-daemon", "tmux", "fping",
 )
 
 

@@ -1,5 +1,5 @@
 """The password agent against our own server (``mandos-server``), the real
-``systemd-ask-password`` asking.  Collected only once the server package exists."""
+``systemd-ask-password`` asking."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("server.cli")
 
 from tests.conftest import UpstreamClient
 from tests.peers.ask import AskNamespace, AskPassword

@@ -14,7 +14,6 @@ timings are in /work/shared/reference/zeroconf.md.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from tests.peers.zeroconf import (
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
 def _secret_file(directory: Path, client: UpstreamClient) -> Path:
