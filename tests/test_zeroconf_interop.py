@@ -34,9 +34,7 @@ from tests.peers.zeroconf import (
     run_peer,
 )
 
-pytestmark = [
-    pytest.mark.interop,
-]
+pytestmark = pytest.mark.interop
 
 def _secret_file(directory: Path, client: UpstreamClient) -> Path:
     path = directory / "secret"
