@@ -36,6 +36,7 @@ from tests.peers.zeroconf import (
 
 pytestmark = pytest.mark.interop
 
+
 def _secret_file(directory: Path, client: UpstreamClient) -> Path:
     path = directory / "secret"
     path.write_bytes(client.secret)
