@@ -24,6 +24,7 @@ from password_agent.asks import socket_problem
 from password_agent.decrypt import Decryptor
 from password_agent.errors import AgentError
 from password_agent.fetch import CONNECT_TIMEOUT, TLS_TIMEOUT, fetch_blob
+from password_agent.keyfiles import KeyFiles
 from password_agent.reply import send_password
 from password_agent.rundir import private_directory
 from password_agent.servers import Server, find_servers, wait_for_interface
@@ -35,21 +36,6 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.5
 #: How long one Zeroconf browse listens for announcements.
 BROWSE_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class KeyFiles:
-    """The four files of a Mandos client key set, as upstream's keygen writes them."""
-
-    pubkey: Path
-    seckey: Path
-    tls_pubkey: Path
-    tls_privkey: Path
-
-    @classmethod
-    def in_directory(cls, directory: Path) -> KeyFiles:
-        return cls(directory / "pubkey.txt", directory / "seckey.txt",
-                   directory / "tls-pubkey.pem", directory / "tls-privkey.pem")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from password_agent.agent import Agent, AgentConfig, KeyFiles, Terminated
+from password_agent.agent import Agent, AgentConfig, Terminated
 from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
 from password_agent.errors import AgentError
+from password_agent.keyfiles import KeyFiles
 from password_agent.rundir import DEFAULT_RUN_DIRECTORY
 from password_agent.servers import parse_connect
 from password_agent.watch import DEFAULT_AGENT_DIRECTORY

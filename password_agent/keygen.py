@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from password_agent.errors import AgentError
+from password_agent.keyfiles import KeyFiles
 from password_agent.keygen_files import (
     PUBLIC_MODE,
     SECRET_MODE,
-    KeyFiles,
+    check_directory,
     default_directory,
     install,
+    refuse_overwrite,
 )
 from password_agent.keygen_openpgp import (
     DEFAULT_KEY_TYPE,
@@ -121,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def create_keys(files: KeyFiles, spec: KeySpec, tls_key_type: str, force: bool) -> None:
+def create_keys(directory: Path, spec: KeySpec, tls_key_type: str, force: bool) -> None:
     """Upstream's default mode: check everything, make both key pairs, then write all four."""
-    files.check_directory(writable=True)
+    check_directory(directory, writable=True)
     check_tls_key_type(tls_key_type)
     spec.batch()  # refuse bad OpenPGP options before any slow work
-    files.refuse_overwrite(force)
+    files = KeyFiles.in_directory(directory)
+    refuse_overwrite(files, force)
     tls = generate_tls_key(tls_key_type)
     openpgp = generate_openpgp_key(spec)
     install({
@@ -146,9 +149,10 @@ class ClientKeys:
     key_id: str | None
 
 
-def load_client_keys(files: KeyFiles) -> ClientKeys:
+def load_client_keys(directory: Path) -> ClientKeys:
     """The OpenPGP key files and the TLS key id, read before asking for the password."""
-    files.check_directory(writable=False)
+    check_directory(directory, writable=False)
+    files = KeyFiles.in_directory(directory)
     return ClientKeys(public_armor=_read_key_file(files.pubkey),
                       secret_armor=_read_key_file(files.seckey),
                       key_id=_key_id(files.tls_pubkey))
@@ -201,15 +205,15 @@ def _check_name(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    files = KeyFiles(args.dir if args.dir is not None else default_directory())
+    directory = args.dir if args.dir is not None else default_directory()
     name = _check_name(args.name if args.name is not None else socket.getfqdn())
     if not (args.password or args.passfile is not None):
         spec = KeySpec(name=name, key_type=args.type, length=args.length,
                        subkey_type=args.subtype, sublength=args.sublength, email=args.email,
                        comment=args.comment, expire=args.expire)
-        create_keys(files, spec, args.tls_keytype, args.force)
+        create_keys(directory, spec, args.tls_keytype, args.force)
         return
-    keys = load_client_keys(files)
+    keys = load_client_keys(directory)
     host_key = None if args.no_ssh else scan_local_ssh_key()
     password = read_passfile(args.passfile) if args.passfile is not None else prompt_password()
     try:

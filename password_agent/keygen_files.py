@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from password_agent.errors import AgentError
+from password_agent.keyfiles import KeyFiles
 
 #: Where upstream's keygen looks, in this order, when ``--dir`` is not given.
 DEFAULT_DIRECTORIES = (Path("/etc/keys/mandos"), Path("/etc/mandos/keys"))
@@ -22,44 +22,20 @@ SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 
 
-@dataclass(frozen=True)
-class KeyFiles:
-    """The four file names upstream's keygen uses, in one directory."""
+def check_directory(directory: Path, *, writable: bool) -> None:
+    """Upstream's checks, with its messages, before any key is made."""
+    if not directory.is_dir():
+        raise AgentError(f"{directory} not a directory")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise AgentError(f"Directory {directory} not readable")
+    if writable and not os.access(directory, os.W_OK):
+        raise AgentError(f"Directory {directory} not writeable")
 
-    directory: Path
 
-    @property
-    def seckey(self) -> Path:
-        return self.directory / "seckey.txt"
-
-    @property
-    def pubkey(self) -> Path:
-        return self.directory / "pubkey.txt"
-
-    @property
-    def tls_privkey(self) -> Path:
-        return self.directory / "tls-privkey.pem"
-
-    @property
-    def tls_pubkey(self) -> Path:
-        return self.directory / "tls-pubkey.pem"
-
-    def all(self) -> tuple[Path, ...]:
-        return (self.seckey, self.pubkey, self.tls_privkey, self.tls_pubkey)
-
-    def check_directory(self, *, writable: bool) -> None:
-        """Upstream's checks, with its messages, before any key is made."""
-        if not self.directory.is_dir():
-            raise AgentError(f"{self.directory} not a directory")
-        if not os.access(self.directory, os.R_OK | os.X_OK):
-            raise AgentError(f"Directory {self.directory} not readable")
-        if writable and not os.access(self.directory, os.W_OK):
-            raise AgentError(f"Directory {self.directory} not writeable")
-
-    def refuse_overwrite(self, force: bool) -> None:
-        """Upstream's refusal when any key file exists and ``--force`` was not given."""
-        if not force and any(os.path.lexists(path) for path in self.all()):
-            raise AgentError("Refusing to overwrite old key files; use --force")
+def refuse_overwrite(files: KeyFiles, force: bool) -> None:
+    """Upstream's refusal when any key file exists and ``--force`` was not given."""
+    if not force and any(os.path.lexists(path) for path in files.all()):
+        raise AgentError("Refusing to overwrite old key files; use --force")
 
 
 def default_directory() -> Path:
