@@ -195,13 +195,12 @@ class Daemon:
     def status_line(self) -> str:
         clients = list(self.clients)
         enabled = sum(1 for client in clients if client.enabled)
-        sent = [c for c in clients if c.state.last_secret_sent is not None]
+        sent = [(c.state.last_secret_sent, c.name) for c in clients
+                if c.state.last_secret_sent is not None]
         line = f"{len(clients)} clients, {enabled} enabled"
         if sent:
-            last = max(sent, key=lambda c: c.state.last_secret_sent or utcnow())
-            stamp = last.state.last_secret_sent
-            assert stamp is not None
-            line += f"; last secret sent to {last.name} at {stamp.strftime('%Y-%m-%d %H:%M:%S')}Z"
+            stamp, name = max(sent)
+            line += f"; last secret sent to {name} at {stamp.strftime('%Y-%m-%d %H:%M:%S')}Z"
         else:
             line += "; no secret sent yet"
         return line
