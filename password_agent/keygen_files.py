@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from mandos_protocol import durable
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
 
@@ -61,7 +62,7 @@ def install(files: dict[Path, tuple[bytes, int]]) -> None:
     staged: list[tuple[Path, Path]] = []
     try:
         for path, (contents, mode) in files.items():
-            staged.append((_write_temporary(path, contents, mode), path))
+            staged.append((durable.write_temporary(path, contents, mode), path))
         for temporary, path in staged:
             if os.path.lexists(path):
                 os.rename(path, backup_name(path))
@@ -73,27 +74,4 @@ def install(files: dict[Path, tuple[bytes, int]]) -> None:
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
     for directory in {path.parent for path in files}:
-        _sync_directory(directory)
-
-
-def _write_temporary(path: Path, contents: bytes, mode: int) -> Path:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            os.fchmod(stream.fileno(), mode)  # the umask may have taken bits away
-            stream.write(contents)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-def _sync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        durable.sync_directory(directory)

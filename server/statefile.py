@@ -11,8 +11,9 @@ can tell which settings were changed in the file since (reference/mandos-protoco
   only if its last checker succeeded; otherwise it is disabled with a warning.
 
 The secret is not stored: the configuration has it.  Writes are atomic (a temporary file in
-the same directory, fsync, rename, fsync of the directory).  A corrupt file is moved aside to
-``clients.json.corrupt-<time>`` with a warning; it never stops the server.
+the same directory, fsync, rename, fsync of the directory: :mod:`mandos_protocol.durable`).
+A corrupt file is moved aside to ``clients.json.corrupt-<time>`` with a warning; it never
+stops the server.
 
 Durability trade-off: the server does not write the file on every change.  During a reboot
 storm every secret sent changes a client's state, and one fsync per unlock would cost more than
@@ -33,12 +34,12 @@ import dataclasses
 import datetime
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mandos_protocol import durable
 from server.clients import Client, ClientState, utcnow
 from server.config import ClientConfig
 
@@ -235,24 +236,7 @@ class StateFile:
         """Write a :meth:`document` atomically (blocking: temporary file, fsync, rename, fsync
         of the directory)."""
         data = json.dumps(document, indent=1, sort_keys=True).encode()
-        descriptor, temporary = tempfile.mkstemp(prefix=".clients-", suffix=".tmp",
-                                                 dir=self.directory)
-        try:
-            with os.fdopen(descriptor, "wb") as stream:
-                os.fchmod(stream.fileno(), 0o600)
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        durable.replace(self.path, data, 0o600)
 
 
 def fresh_state(config: ClientConfig, now: datetime.datetime) -> ClientState:
