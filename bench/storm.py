@@ -3,7 +3,9 @@
 After a power cut a rack boots at once and every machine asks for its password in the same second.
 This runs the same simulated clients (:mod:`bench.loadgen`) against both servers, on the same
 machine, in one run, at several concurrency levels, and prints one table with the ratio
-ours/upstream per row.  Results are written to ``bench/results/``.
+ours/upstream per row.  It then measures the handshake alone per role (:mod:`bench.roles`: the
+floor under the server-CPU-over-generator-CPU ratio) and the agent's latency
+(:mod:`bench.agent_latency`).  Results are written to ``bench/results/``.
 
     ./dev bench            # the full run
     ./dev bench --quick    # under two minutes
@@ -23,7 +25,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import agent_latency
+from bench import agent_latency, roles
 from bench.loadgen import (
     LevelResult,
     SimulatedClient,
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     cells = run_storm(QUICK_PLAN if options.quick else FULL_PLAN, clients, repeat,
                       not options.no_upstream)
     report = format_table(cells)
+    print("the handshake alone, per role ...", file=sys.stderr, flush=True)
+    report += "\n\n" + roles.format_table(
+        roles.measure(500, 1) if options.quick else roles.measure())
     if agent_runs:
         print(f"agent latency: {agent_runs} runs per agent ...", file=sys.stderr, flush=True)
         report += "\n\n" + agent_latency.format_table(agent_latency.measure(agent_runs), "our")
