@@ -4,10 +4,10 @@ GnuTLS does the crypto in C (ctypes releases the GIL); this module only waits fo
 readiness GnuTLS asks for, so a slow or silent peer costs a registered file descriptor and a
 timer, never a thread.
 
-:class:`Driver` is the server's per-connection form: it retries the call inside the loop's
-readiness callback, so the waiting task wakes once per call instead of once per wait, the file
-descriptor stays registered across calls (not added and removed around every wait, two
-``epoll_ctl`` each), and a deadline is a timer armed only when a call has to wait.
+:class:`Driver` drives one connection: it retries the call inside the loop's readiness
+callback, so the waiting task wakes once per call instead of once per wait, the file descriptor
+stays registered across calls (not added and removed around every wait, two ``epoll_ctl``
+each), and a deadline is a timer armed only when a call has to wait.
 """
 
 from __future__ import annotations
@@ -19,18 +19,6 @@ from typing import Any, TypeVar
 from mandos_protocol.gnutls import Session
 
 T = TypeVar("T")
-
-
-async def run(session: Session, fd: int, operation: Callable[[], T]) -> T:
-    """Call ``operation`` (a method of ``session``) until it stops raising BlockingIOError.
-
-    Deadlines are the caller's: wrap this in :func:`asyncio.timeout`.
-    """
-    driver = Driver(fd, session)
-    try:
-        return await driver.run(operation)
-    finally:
-        driver.close()
 
 
 class Driver:

@@ -207,24 +207,32 @@ def test_nonblocking_roles_in_one_event_loop(
         fd = server_end.fileno()
         with Session.for_mandos_server(fd, empty_credentials, priority,
                                        nonblocking=True) as session:
-            await tls_asyncio.run(session, fd, session.handshake)
-            der = session.peer_public_key()
-            offset = 0
-            while offset < len(blob):
-                send = functools.partial(session.send, memoryview(blob)[offset:])
-                offset += await tls_asyncio.run(session, fd, send)
-            await tls_asyncio.run(session, fd, session.bye)
+            driver = tls_asyncio.Driver(fd, session)
+            try:
+                await driver.run(session.handshake)
+                der = session.peer_public_key()
+                offset = 0
+                while offset < len(blob):
+                    offset += await driver.run(
+                        functools.partial(session.send, memoryview(blob)[offset:]))
+                await driver.run(session.bye)
+            finally:
+                driver.close()
             return der
 
     async def client_side() -> bytes:
         fd = client_end.fileno()
         with Session.for_mandos_client(fd, client_credentials, priority,
                                        nonblocking=True) as session:
-            await tls_asyncio.run(session, fd, session.handshake)
-            chunks = []
-            while chunk := await tls_asyncio.run(session, fd, session.recv):
-                chunks.append(chunk)
-            await tls_asyncio.run(session, fd, session.bye)
+            driver = tls_asyncio.Driver(fd, session)
+            try:
+                await driver.run(session.handshake)
+                chunks = []
+                while chunk := await driver.run(session.recv):
+                    chunks.append(chunk)
+                await driver.run(session.bye)
+            finally:
+                driver.close()
             return b"".join(chunks)
 
     async def both() -> tuple[bytes, bytes]:
