@@ -1,16 +1,26 @@
-"""Agent latency: from a password request appearing to the password arriving, ours vs upstream.
+"""Agent latency: from a password request appearing to the password arriving, ours vs upstream,
+each agent run the way it is deployed in the initramfs.
 
-At boot, systemd starts a password agent when an ``ask.*`` file appears (a path unit), so the
-time that counts is from the request to the reply, agent start-up included.  One run here:
+One run: a :class:`~tests.peers.ask.FakeRequester` writes ``ask.*`` into a private agent
+directory and binds its reply socket (what ``systemd-ask-password`` does); the clock runs from
+just before the file is written until the reply datagram (``+password``) arrives, and the
+reply is checked.  Three agents, each a row of the table:
 
-1. a :class:`~tests.peers.ask.FakeRequester` writes ``ask.*`` into a private agent directory
-   and binds its reply socket (what ``systemd-ask-password`` does);
-2. the agent is started on that directory: ours (``python -m password_agent``) or upstream's
-   ``password-agent`` running upstream's ``mandos-client``;
-3. the clock stops when the reply datagram (``+password``) arrives; it is checked.
+- **ours, --watch (as in the initramfs)**: ``/usr/bin/python3 -S -m password_agent --watch``
+  with ``PYTHONPATH`` set to this tree and the venv's site-packages, as the dracut unit runs
+  it from ``/usr/lib/mandos-password-agent``.  It is started before the request, with
+  ``NOTIFY_SOCKET`` naming a datagram socket bound here, and the request is written only once
+  ``READY=1`` arrived: at boot the unit starts at sysinit, long before systemd-cryptsetup asks.
+  After the reply it gets SIGTERM and must exit 0 (a fresh agent per run: each remembers the
+  Ids it answered).
+- **ours, on demand**: the same command without ``--watch``, started when the request is
+  written, as a ``.path`` unit starts it (the booted-system units do so).
+- **upstream**: Debian's ``password-agent`` running ``mandos-client``, started when the
+  request is written, as its dracut module's ``.path`` unit does.
 
-Both agents use the same key set (made by upstream's ``mandos-keygen``) and the same server,
-one at a time; several runs each, alternating, and the median is reported.
+All use the same key set (upstream's ``mandos-keygen``, RSA-4096) and the same server, one at
+a time; one untimed round first (caches), then the runs alternate, and the medians and the
+ratios ours/upstream are reported.
 
     python -m bench.agent_latency [--runs N] [--server ours|upstream]
 """
@@ -19,11 +29,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
+import select
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,14 +51,21 @@ from tests.peers.upstream import (
     MANDOS_CLIENT,
     KeySet,
     UpstreamServer,
+    kill_process_group,
     make_upstream_keys,
     upstream_section,
 )
 
+REPO = Path(__file__).resolve().parent.parent
+#: The interpreter the initramfs runs (never the venv's, whose site processing costs ~15 ms).
+PYTHON = "/usr/bin/python3"
 #: Upstream's agent ships in the dracut module of Debian's mandos-client package.
 UPSTREAM_AGENT = Path("/usr/lib/dracut/modules.d/90mandos/password-agent")
 PASSWORD = b"agent latency password"
 REPLY_TIMEOUT = 30.0
+#: How long a resident agent may take to say READY=1, and any agent to exit afterwards.
+READY_TIMEOUT = 30.0
+EXIT_TIMEOUT = 10.0
 #: The unprivileged user and group upstream's agent runs mandos-client as (its default).
 NOBODY = 65534
 
@@ -61,13 +83,30 @@ class AgentTimes:
         return statistics.median(self.seconds) if self.seconds else float("nan")
 
 
+def our_environment() -> dict[str, str]:
+    """Our agent's environment as in the initramfs: the packages from PYTHONPATH (there one
+    private directory; here this tree, then the venv's site-packages), no site module."""
+    paths = dict.fromkeys([str(REPO), sysconfig.get_paths()["purelib"],
+                           sysconfig.get_paths()["platlib"]])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def our_agent_argv(keys: KeySet, connect: str, agent_directory: Path, work: Path) -> list[str]:
-    """Our agent, answering the requests in ``agent_directory`` from the server at
-    ``connect``; ``work`` holds its run directory (fresh per run: it remembers answers)."""
-    return [sys.executable, "-m", "password_agent", "--keydir", str(keys.directory),
+    """Our agent, started on demand, answering the requests in ``agent_directory`` from the
+    server at ``connect``; ``work`` holds its run directory (fresh per run: it remembers
+    answers)."""
+    return [PYTHON, "-S", "-m", "password_agent", "--keydir", str(keys.directory),
             "--run-directory", str(work / "run"), "--kernel-cmdline", "/dev/null",
             "--timeout", str(REPLY_TIMEOUT), "--connect", connect,
             "--agent-directory", str(agent_directory)]
+
+
+def our_resident_argv(keys: KeySet, connect: str, agent_directory: Path,
+                      work: Path) -> list[str]:
+    """Our agent with ``--watch`` (no ``--timeout``: the two exclude each other)."""
+    argv = our_agent_argv(keys, connect, agent_directory, work)
+    position = argv.index("--timeout")
+    return [*argv[:position], *argv[position + 2:], "--watch"]
 
 
 def upstream_agent_argv(keys: KeySet, connect: str, agent_directory: Path,
@@ -99,31 +138,92 @@ def upstream_agent_argv(keys: KeySet, connect: str, agent_directory: Path,
 AgentArgv = Callable[[KeySet, str, Path, Path], list[str]]
 
 
-def one_run(argv: AgentArgv, keys: KeySet, connect: str) -> float | None:
+@dataclass(frozen=True)
+class Agent:
+    """One row of the table: how to start the agent, and whether it is started (and has
+    said READY=1) before the request is written."""
+
+    label: str
+    argv: AgentArgv
+    environment: Callable[[], dict[str, str]] = lambda: dict(os.environ)
+    resident: bool = False
+
+
+AGENTS = (
+    Agent("ours, --watch (as in the initramfs)", our_resident_argv, our_environment,
+          resident=True),
+    Agent("ours, on demand", our_agent_argv, our_environment),
+    Agent("upstream (password-agent + mandos-client), on demand", upstream_agent_argv),
+)
+
+
+def _wait_ready(notify: socket.socket, process: subprocess.Popen[bytes]) -> bool:
+    """Whether ``process`` sent ``READY=1`` to ``notify`` before exiting or the timeout."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while (left := deadline - time.monotonic()) > 0 and process.poll() is None:
+        if (select.select([notify], [], [], min(left, 0.1))[0]
+                and b"READY=1" in notify.recv(4096).split(b"\n")):
+            return True
+    return False
+
+
+def _stop(process: subprocess.Popen[bytes], resident: bool) -> bool:
+    """End one agent: a resident one by SIGTERM, which it must answer by exiting 0; one
+    started on demand exits by itself once its request is gone.  Whatever is left of its
+    process group is killed.  Whether it ended as it should."""
+    if resident:
+        process.send_signal(signal.SIGTERM)
+    try:
+        status = process.wait(EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        status = None
+    kill_process_group(process, graceful=False, timeout=1.0)
+    return status == 0 or not resident
+
+
+def one_run(agent: Agent, keys: KeySet, connect: str) -> float | None:
     """Seconds from the request appearing to the right reply arriving, or None."""
     work = Path(tempfile.mkdtemp(prefix="mpa-bench-"))  # short: gpg-agent sockets live here
     process: subprocess.Popen[bytes] | None = None
     try:
         requests = work / "ask"
         requests.mkdir()
-        command = argv(keys, connect, requests, work)
-        started = time.perf_counter()
-        with FakeRequester(requests, {"Id": "cryptsetup:/dev/bench"}) as request:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        command = agent.argv(keys, connect, requests, work)
+        environment = agent.environment()
+        with contextlib.ExitStack() as stack, open(work / "agent.log", "wb") as log:
+            start = functools.partial(subprocess.Popen, command, env=environment,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        start_new_session=True)
-            reply = request.receive(REPLY_TIMEOUT)
-            elapsed = time.perf_counter() - started
-            request.remove_ask_file()
+            if agent.resident:
+                notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+                notify.bind(str(work / "notify"))
+                process = start(env={**environment, "NOTIFY_SOCKET": str(work / "notify")})
+                if not _wait_ready(notify, process):
+                    return _failed(agent, work, "no READY=1")
+            started = time.perf_counter()
+            with FakeRequester(requests, {"Id": "cryptsetup:/dev/bench"}) as request:
+                if process is None:
+                    process = start()
+                reply = request.receive(REPLY_TIMEOUT)
+                elapsed = time.perf_counter() - started
+                request.remove_ask_file()
+            ended_well = _stop(process, agent.resident)
         # Upstream's agent sends a C string (with its NUL); the requester ignores the NUL.
-        ok = reply is not None and reply.removesuffix(b"\0") == b"+" + PASSWORD
-        return elapsed if ok else None
+        if reply is None or reply.removesuffix(b"\0") != b"+" + PASSWORD:
+            return _failed(agent, work, "no reply, or a wrong one")
+        if not ended_well:
+            return _failed(agent, work, "it did not exit 0 on SIGTERM")
+        return elapsed
     finally:
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait()
+        if process is not None and process.returncode is None:
+            kill_process_group(process, graceful=False, timeout=1.0)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _failed(agent: Agent, work: Path, what: str) -> None:
+    log = (work / "agent.log").read_text(errors="replace") if (work / "agent.log").exists() else ""
+    print(f"{agent.label}: {what}; its log:\n{log[-2000:]}", file=sys.stderr)
+    return None
 
 
 @contextlib.contextmanager
@@ -140,7 +240,7 @@ def key_set() -> Iterator[tuple[KeySet, str]]:
 
 @contextlib.contextmanager
 def server(kind: str, section: str) -> Iterator[str]:
-    """The server both agents ask, yielding its ``address:port``."""
+    """The server all agents ask, yielding its ``address:port``."""
     if kind == "upstream":
         with UpstreamServer(section) as upstream:
             yield upstream.connect
@@ -150,34 +250,37 @@ def server(kind: str, section: str) -> Iterator[str]:
 
 
 def measure(runs: int, server_kind: str = "ours") -> list[AgentTimes]:
-    """``runs`` runs of each agent, alternating, against one server."""
-    agents: list[tuple[AgentTimes, AgentArgv]] = [
-        (AgentTimes("ours (mandos-password-agent)"), our_agent_argv),
-        (AgentTimes("upstream (password-agent + mandos-client)"), upstream_agent_argv),
-    ]
+    """``runs`` runs of each agent, alternating, against one server, after one untimed
+    round; upstream last."""
+    results = [AgentTimes(agent.label) for agent in AGENTS]
     with key_set() as (keys, section), server(server_kind, section) as connect:
+        for agent in AGENTS:
+            one_run(agent, keys, connect)  # byte-code and page caches, the server's state
         for _ in range(runs):
-            for times, argv in agents:
-                seconds = one_run(argv, keys, connect)
+            for times, agent in zip(results, AGENTS, strict=True):
+                seconds = one_run(agent, keys, connect)
                 if seconds is None:
                     times.failures += 1
                 else:
                     times.seconds.append(seconds)
-    return [times for times, _ in agents]
+    return results
 
 
 def format_table(results: list[AgentTimes], server_kind: str) -> str:
-    """A Markdown table of the medians, and the ratio ours/upstream."""
-    lines = [f"Agent ask-to-reply latency against {server_kind} server "
-             "(request appears, agent starts, reply arrives):", "",
+    """A Markdown table of the medians, and the ratio of each of ours to upstream (the last
+    row)."""
+    lines = [f"Agent ask-to-reply latency against {server_kind} server (request appears → "
+             "reply arrives; on demand includes the agent's start-up):", "",
              "| agent | runs | failures | median ms | min ms | max ms |", "|" + "---|" * 6]
     for times in results:
         lines.append(f"| {times.agent} | {len(times.seconds)} | {times.failures} "
                      f"| {1000 * times.median:.0f} "
                      f"| {1000 * min(times.seconds, default=float('nan')):.0f} "
                      f"| {1000 * max(times.seconds, default=float('nan')):.0f} |")
-    ours, upstream = results
-    lines += ["", f"Ratio ours/upstream (medians): {ours.median / upstream.median:.2f}"]
+    *ours, upstream = results
+    lines.append("")
+    lines += [f"Ratio {times.agent} / upstream (medians): {times.median / upstream.median:.2f}"
+              for times in ours]
     return "\n".join(lines)
 
 
@@ -186,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="runs per agent (7)")
     parser.add_argument("--server", choices=("ours", "upstream"), default="ours",
-                        help="which server both agents ask (ours)")
+                        help="which server all agents ask (ours)")
     options = parser.parse_args(argv)
     print(format_table(measure(options.runs, options.server), options.server))
     return 0

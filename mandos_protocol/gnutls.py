@@ -21,7 +21,6 @@ priority) are made once and reused for every connection.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import functools
 import os
@@ -79,8 +78,11 @@ class _Library:
         lib = _load(SONAME)
         if lib is None:
             # find_library runs ldconfig (and gcc): slow, and absent in an initramfs, so it is
-            # only the fallback for a library under another soname.
-            found = ctypes.util.find_library("gnutls")
+            # only the fallback for a library under another soname, and so is its import
+            # (shutil, subprocess, tempfile: ~5 ms).
+            from ctypes.util import find_library
+
+            found = find_library("gnutls")
             lib = _load(found) if found else None
         if lib is None:
             raise ProtocolError(

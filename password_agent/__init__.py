@@ -3,5 +3,6 @@ password fetched from a Mandos server (``mandos-password-agent``), and the key g
 (``mandos-keygen``).
 
 It runs in the initramfs, so it imports only the standard library, ``inotify_simple``,
-``python-gnupg`` and, only when it has to browse, ``zeroconf``.
+``python-gnupg``, ``sdnotify`` only when resident (``--watch``) and, only when it has to browse,
+``zeroconf``.
 """

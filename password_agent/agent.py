@@ -1,5 +1,6 @@
 """The agent's run: while requests are pending, fetch, decrypt, answer; back off while the
-network or the server is not there yet; exit when nothing is left.
+network or the server is not there yet; exit when nothing is left, or, with ``--watch``, wait
+for the next request.
 
 A simple blocking loop: every wait is a poll on the inotify descriptor with a deadline, so the
 agent sleeps between attempts, notices at once when the last request goes away, and starts
@@ -7,28 +8,43 @@ fast in the initramfs (no asyncio).  One thing runs alongside: as soon as a requ
 pending, a :class:`~password_agent.decrypt.Decryptor` prepares the GnuPG home in the
 background while the blob is fetched, and it is removed only once no request is pending, so
 that the answer goes out first.
+
+With ``--watch`` (resident, as the initramfs runs it) the agent does, before any request, all
+that needs none: the imports, the TLS credentials and priority, and the GnuPG home with both
+keys imported and gpg-agent running; only then does it send ``READY=1``.  A request then costs
+the fetch and gpg-agent's decryption, nothing else.  The home is kept between requests and
+removed when the agent exits (systemd stops it before switch-root: /run survives that, and the
+home holds the secret key).  It never contacts a server before a request is pending: the
+password is fetched for a request, never ahead of one.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority
 from password_agent.answered import AnsweredRecord
 from password_agent.asks import socket_problem
-from password_agent.decrypt import Decryptor
+from password_agent.decrypt import HOME_PREFIX, Decryptor
 from password_agent.errors import AgentError
 from password_agent.fetch import CONNECT_TIMEOUT, TLS_TIMEOUT, fetch_blob
+from password_agent.gnupghome import remove_stale_homes
 from password_agent.keyfiles import KeyFiles
 from password_agent.reply import send_password
-from password_agent.rundir import private_directory
+from password_agent.rundir import hold, private_directory
 from password_agent.servers import Server, find_servers, wait_for_interface
 from password_agent.watch import RequestWatcher
+
+if TYPE_CHECKING:
+    from password_agent.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +68,7 @@ class AgentConfig:
     delay: float = 2.5
     timeout: float | None = None
     all_requests: bool = False
+    watch: bool = False
 
 
 class Terminated(BaseException):
@@ -83,36 +100,65 @@ class Agent:
         self._record: AnsweredRecord | None = None
         self._run_directory: Path | None = None
         self._decryptor: Decryptor | None = None
+        self._interface_checked = False
 
-    def _prepare(self) -> None:
-        """Load what fetching and answering need when a request is pending: once, key checks,
-        the run directory and the TLS credentials (key problems are reported at once, and an
-        idle start costs nothing); and the GnuPG home, started first so that gpg works while
-        the rest loads and the blob is fetched."""
+    def _open_record(self) -> None:
+        """Once: check the OpenPGP key files (key problems are reported at once), make the run
+        directory and open the record of answers sent."""
+        if self._record is not None:
+            return
         keys = self.config.keys
-        if self._record is None:
-            for path in (keys.pubkey, keys.seckey):
-                if not path.is_file():
-                    raise AgentError(f"OpenPGP key file {path} is missing; check --pubkey/"
-                                     "--seckey or --keydir")
-            try:
-                self._run_directory = private_directory(self.config.run_directory)
-            except AgentError as error:
-                log.warning("%s; answers are remembered only until exit", error)
-            self._record = AnsweredRecord(
-                None if self._run_directory is None else self._run_directory / "answered")
-        with contextlib.suppress(AgentError):  # reported when there is a blob to decrypt
-            self._gnupg_home()
+        for path in (keys.pubkey, keys.seckey):
+            if not path.is_file():
+                raise AgentError(f"OpenPGP key file {path} is missing; check --pubkey/"
+                                 "--seckey or --keydir")
+        try:
+            self._run_directory = private_directory(self.config.run_directory)
+        except AgentError as error:
+            log.warning("%s; answers are remembered only until exit", error)
+        else:
+            if hold(self._run_directory):
+                remove_stale_homes(self._run_directory, HOME_PREFIX)
+        self._record = AnsweredRecord(
+            None if self._run_directory is None else self._run_directory / "answered")
+
+    def _load_tls(self) -> None:
+        """Once: the TLS credentials and the compiled priority."""
         if self._credentials is not None:
             return
+        keys = self.config.keys
         try:
             self._priority = Priority(self.config.priority) if self.config.priority else Priority()
             self._credentials = Credentials.raw_public_key_files(keys.tls_pubkey,
                                                                  keys.tls_privkey)
         except ProtocolError as error:
             raise AgentError(f"{error}; check --tls-pubkey/--tls-privkey/--priority") from None
-        if self.config.interface and not self.config.connect:
-            wait_for_interface(self.config.interface, self.config.delay)
+
+    def _prepare(self) -> None:
+        """What fetching and answering need once a request is pending (an idle start costs
+        nothing): the record, the GnuPG home (started first, so that gpg works while the rest
+        loads and the blob is fetched), the TLS credentials, and once the wait for
+        ``--interface``."""
+        self._open_record()
+        with contextlib.suppress(AgentError):  # reported when there is a blob to decrypt
+            self._gnupg_home()
+        self._load_tls()
+        if not self._interface_checked:
+            self._interface_checked = True
+            if self.config.interface and not self.config.connect:
+                wait_for_interface(self.config.interface, self.config.delay)
+
+    def _warm_up(self) -> None:
+        """``--watch``, before ``READY=1``: everything that needs no request, and no network.
+        The wait for ``--interface`` and any contact with a server come with a request."""
+        self._open_record()
+        decryptor = self._gnupg_home()
+        self._load_tls()
+        codecs.lookup("idna")  # the first name resolution would load it
+        if not self.config.connect:
+            with contextlib.suppress(ImportError):  # reported when there is a request
+                importlib.import_module("password_agent.browse")  # zeroconf: 40 ms
+        decryptor.wait_ready()
 
     def _gnupg_home(self) -> Decryptor:
         """The GnuPG home being prepared (or ready) for this busy spell; started if none is."""
@@ -128,19 +174,36 @@ class Agent:
             decryptor.close()
 
     def run(self) -> int:
-        """Answer pending requests until none is left; the process exit status."""
+        """Answer pending requests until none is left (with ``--watch``: until SIGTERM); the
+        process exit status."""
+        notifier: Notifier | None = None
+        if self.config.watch:
+            from password_agent.notify import Notifier  # sdnotify: only when resident
+
+            notifier = Notifier()
         try:
-            return self._run()
+            return self._run(notifier)
         finally:
+            if notifier is not None:
+                notifier.notify("STOPPING=1")
             self._close_decryptor()
 
-    def _run(self) -> int:
+    def _run(self, notifier: Notifier | None) -> int:
         deadline = _Deadline(self.config.timeout)
-        with RequestWatcher(self.config.agent_directory,
-                            all_requests=self.config.all_requests) as watcher:
+        with RequestWatcher(self.config.agent_directory, all_requests=self.config.all_requests,
+                            create=self.config.watch) as watcher:
+            if notifier is not None:
+                self._warm_up()
+                log.info("warm (GnuPG home ready); waiting for password requests")
+                notifier.notify("READY=1", "STATUS=Waiting for password requests")
             backoff = FIRST_BACKOFF
             while True:
                 watcher.poll()
+                if not watcher.pending and self.config.watch:
+                    with contextlib.suppress(AgentError):  # reported with the next request
+                        self._gnupg_home()  # a fresh one, if a failed decryption removed it
+                    watcher.wait_for_request()
+                    continue
                 if not watcher.pending:
                     self._close_decryptor()  # the answers, if any, went out already
                     watcher.wait_until_idle(deadline.at)

@@ -2,7 +2,8 @@
 
 Options as upstream's ``mandos-client`` spells them (``--connect --pubkey --seckey --tls-pubkey
 --tls-privkey --priority --interface --retry --delay``) plus ``--agent-directory`` (upstream's
-``password-agent``), ``--keydir``, ``--timeout`` and ``--all-requests``.  The kernel command line
+``password-agent``), ``--keydir``, ``--timeout``, ``--all-requests`` and ``--watch`` (resident, as
+``systemd-tty-ask-password-agent --watch``).  The kernel command line
 (``mandos=off``, ``mandos=connect:ADDRESS:PORT``, ``ip=``) applies on top, as in upstream's
 initramfs.  Expected failures print one line and exit 1.
 """
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mandos-password-agent",
         description="Answer systemd disk-unlock password requests with the password a Mandos "
-                    "server hands out.")
+                    "server hands out.  Exits when no request is left (a .path unit starts it "
+                    "when one appears), or with --watch stays resident, warmed up, until "
+                    "SIGTERM.")
     parser.add_argument("--agent-directory", type=Path, default=DEFAULT_AGENT_DIRECTORY,
                         help="directory of ask.* requests (default: %(default)s)")
     parser.add_argument("--connect", action="append", default=[], metavar="ADDRESS:PORT",
@@ -68,9 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--delay", type=_seconds, default=2.5, metavar="SECONDS",
                         help="how long to wait for --interface to come up (default: "
                              "%(default)s)")
-    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                        help="give up after this long with requests unanswered (exit 1); "
-                             "default: never")
+    lifetime = parser.add_mutually_exclusive_group()
+    lifetime.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                          help="give up after this long with requests unanswered (exit 1); "
+                               "default: never")
+    lifetime.add_argument("--watch", action="store_true",
+                          help="stay resident until SIGTERM instead of exiting when no "
+                               "request is left: prepare the TLS credentials and the GnuPG "
+                               "home (keys imported, gpg-agent running) before any request, "
+                               "then tell systemd READY=1 (Type=notify); as the initramfs "
+                               "runs it.  No server is contacted before a request is pending")
     parser.add_argument("--all-requests", action="store_true",
                         help="answer every request, not only disk unlocks (Id=cryptsetup:…)")
     parser.add_argument("--run-directory", type=Path, default=DEFAULT_RUN_DIRECTORY,
@@ -108,6 +118,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
         delay=arguments.delay,
         timeout=arguments.timeout,
         all_requests=arguments.all_requests,
+        watch=arguments.watch,
     )
 
 

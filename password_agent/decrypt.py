@@ -10,7 +10,9 @@ key files, which starts gpg-agent.  So a :class:`Decryptor` prepares it in a bac
 from the moment a request is pending, while the agent connects and fetches; only the
 decryption itself (gpg-agent's RSA operation) is left between the blob and the answer.  The
 home is kept while requests stay pending (over retries, as upstream's client keeps its GPGME
-home), and removed once none is, after the answer went out.
+home), and removed once none is, after the answer went out; a resident agent (``--watch``)
+prepares it before any request, waits for it with :meth:`Decryptor.wait_ready`, and keeps it
+until it exits.
 
 The plaintext reaches us through gpg's stdout pipe into a ``bytearray`` that the caller zeroes;
 it never touches a file.
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 # python-gnupg logs imported key data at DEBUG level: keep it quiet whatever the agent's level.
 logging.getLogger("gnupg").setLevel(logging.WARNING)
 
+#: The name of each GnuPG home in the run directory starts so.
+HOME_PREFIX = "gnupg."
+
 #: How long closing waits for an unfinished preparation before stopping gpg-agent regardless
 #: (an agent started after that exits by itself when its home is removed).
 _PREPARE_JOIN_TIMEOUT = 10.0
@@ -51,7 +56,7 @@ class Decryptor:
     gpg-agent and removes it."""
 
     def __init__(self, pubkey: Path, seckey: Path, run_directory: Path | None) -> None:
-        self._home = make_home("gnupg.", run_directory)
+        self._home = make_home(HOME_PREFIX, run_directory)
         self._gpg: gnupg.GPG | None = None
         self._failure: Exception | None = None
         self._preparing = threading.Thread(target=self._prepare, args=(pubkey, seckey),
@@ -81,12 +86,17 @@ class Decryptor:
         except Exception as error:  # handed to decrypt(), in the agent's thread
             self._failure = error
 
-    def decrypt(self, blob: bytes) -> bytearray:
-        """The password in ``blob`` (binary OpenPGP, encrypted to our key), as a ``bytearray``
-        the caller zeroes after use; :class:`AgentError` if gpg cannot decrypt it."""
+    def wait_ready(self) -> None:
+        """Wait until the home is prepared (keys imported, gpg-agent running); the
+        preparation's failure, if it failed."""
         self._preparing.join()
         if self._failure is not None:
             raise self._failure
+
+    def decrypt(self, blob: bytes) -> bytearray:
+        """The password in ``blob`` (binary OpenPGP, encrypted to our key), as a ``bytearray``
+        the caller zeroes after use; :class:`AgentError` if gpg cannot decrypt it."""
+        self.wait_ready()
         gpg = self._gpg
         assert gpg is not None
         plaintext = bytearray()

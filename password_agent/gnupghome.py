@@ -61,6 +61,15 @@ def remove_home(home: Path) -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
+def remove_stale_homes(parent: Path, prefix: str) -> None:
+    """Remove every home named ``prefix*`` in ``parent``, left by an agent that was killed
+    before it could (the caller knows that no live agent uses ``parent``)."""
+    for home in parent.glob(f"{prefix}*"):
+        if home.is_dir() and not home.is_symlink():
+            log.warning("removing the GnuPG home %s, left by an agent that was killed", home)
+            remove_home(home)
+
+
 @contextmanager
 def private_home(prefix: str, preferred: Path | None = None) -> Iterator[Path]:
     """:func:`make_home`, removed with :func:`remove_home` on exit, also on failure."""

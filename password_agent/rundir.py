@@ -1,8 +1,15 @@
 """The agent's private directory under ``/run``: where the record of answers sent and the
-temporary GnuPG homes live.  Root only (0700), a real directory (not a symlink), owned by us."""
+temporary GnuPG homes live.  Root only (0700), a real directory (not a symlink), owned by us.
+
+Every agent using the directory holds a shared ``flock`` on it for as long as it runs, so that
+an agent that finds no other holder knows that whatever GnuPG home is left in it is stale: an
+agent killed with SIGKILL (systemd's last resort when a stop times out, e.g. at switch-root)
+cannot remove its own, and /run is carried over from the initramfs to the booted system.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -29,3 +36,16 @@ def private_directory(path: Path) -> Path:
     if stat.S_IMODE(status.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
+
+
+def hold(path: Path) -> bool:
+    """Hold ``path`` (shared) until the process exits; whether no other agent holds it, so
+    that what earlier agents left in it is stale."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(descriptor, fcntl.LOCK_SH)  # the descriptor stays open: held until exit
+    return alone

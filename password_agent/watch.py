@@ -7,7 +7,8 @@ request goes away by IN_DELETE or IN_MOVED_FROM.  Files already there are read a
 A request is *pending* while the agent means to answer it.  Requests it will not answer, or has
 answered, stay *present* until their file goes away; the agent keeps running while any are
 present, because its ``.path`` unit (``PathExistsGlob=…/ask.*``) would otherwise start it again
-at once, in a loop, for as long as the file exists.
+at once, in a loop, for as long as the file exists.  With ``--watch`` it never exits on its own:
+it sleeps in the inotify read until a request is pending.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ _IDLE_WAKE_SECONDS = 60.0
 class RequestWatcher:
     """The pending and present requests of one agent directory, kept current by inotify."""
 
-    def __init__(self, directory: Path, *, all_requests: bool = False) -> None:
+    def __init__(self, directory: Path, *, all_requests: bool = False,
+                 create: bool = False) -> None:
+        """``create``: make ``directory`` (0755) if it is missing, as the ``.path`` unit's
+        ``MakeDirectory=yes`` does; a resident agent may start before anyone made it."""
         self.directory = directory
         self.all_requests = all_requests
         self.pending: dict[Path, AskRequest] = {}
@@ -47,6 +51,8 @@ class RequestWatcher:
         self.present: dict[Path, str] = {}
         self._inotify = INotify()
         try:
+            if create:
+                directory.mkdir(mode=0o755, parents=True, exist_ok=True)
             self._inotify.add_watch(directory, _MASK)
         except OSError as error:
             self._inotify.close()
@@ -175,6 +181,14 @@ class RequestWatcher:
         self.poll()
         while self.pending and time.monotonic() < until:
             self.poll(self._next_wake(until))
+
+    def wait_for_request(self) -> None:
+        """With nothing pending (``--watch``), sleep until something is."""
+        while not self.pending:
+            if self._gone:
+                raise AgentError(f"the agent directory {self.directory} went away; nothing "
+                                 "can be asked there any more")
+            self.poll(_IDLE_WAKE_SECONDS)
 
     def wait_until_idle(self, until: float | None) -> None:
         """With nothing pending, keep watching until nothing is present either, something new

@@ -265,3 +265,56 @@ def test_units_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
 
+
+
+def _unit_values(text: str, key: str) -> list[str]:
+    """Every value of ``key=`` in a unit file, space-separated lists split."""
+    return [word for line in text.splitlines() if line.startswith(f"{key}=")
+            for word in line.split("=", 1)[1].split()]
+
+
+def test_initramfs_units_verify_and_run_the_agent_resident() -> None:
+    """The dracut module's units: ``systemd-analyze verify`` accepts them without a warning;
+    the service is resident (``--watch``, ``Type=notify``), enabled for sysinit without
+    anything waiting for it, stopped before switch-root, and off with ``mandos=off``."""
+    module = REPO / "dracut-module" / "90mandos-agent"
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(module / "mandos-password-agent.path"),
+         str(module / "mandos-password-agent.service")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    service = (module / "mandos-password-agent.service").read_text()
+    path = (module / "mandos-password-agent.path").read_text()
+    assert _unit_values(service, "Type") == ["notify"]
+    assert _unit_values(service, "ExecStart")[:6] == ["/usr/bin/python3", "-S", "-m",
+                                                      "password_agent", "--watch", "--keydir"]
+    assert _unit_values(service, "WantedBy") == ["sysinit.target"]
+    assert _unit_values(service, "DefaultDependencies") == ["no"]
+    assert _unit_values(service, "After") == []  # it waits for nothing, not even the network
+    for key in ("Conflicts", "Before"):
+        assert "initrd-switch-root.target" in _unit_values(service, key)
+    assert _unit_values(service, "KillMode") == ["mixed"]  # it stops its gpg-agent itself
+    assert "--timeout" not in service  # it excludes --watch
+    for unit in (service, path):
+        assert _unit_values(unit, "ConditionKernelCommandLine") == ["!mandos=off"]
+        assert _unit_values(unit, "Documentation") == ["https://www.recompile.se/mandos"]
+    assert len(_unit_values(service, "ConditionFileNotEmpty")) == 4
+    assert _unit_values(path, "PathExistsGlob") == ["/run/systemd/ask-password/ask.*"]
+
+
+def test_booted_system_agent_starts_on_demand() -> None:
+    service = (REPO / "units" / "mandos-password-agent.service").read_text()
+    assert "--watch" not in _unit_values(service, "ExecStart")
+    assert _unit_values(service, "Type") == ["exec"]
+    assert "[Install]" not in service  # started by the .path unit only
+
+
+def test_watch_and_timeout_exclude_each_other(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "password_agent", "--watch", "--timeout", "5",
+         "--agent-directory", str(tmp_path), "--run-directory", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "not allowed with" in result.stderr
+    assert not (tmp_path / "run").exists()

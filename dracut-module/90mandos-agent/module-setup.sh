@@ -1,6 +1,8 @@
 #!/bin/bash
 # dracut module "mandos-agent": our Python password agent (python -m password_agent) in a
 # systemd initramfs, answering disk-unlock requests with the password a Mandos server hands out.
+# The agent's service is started at boot and stays resident, warmed up (--watch, Type=notify);
+# its .path unit starts it again if a request appears while it is not running.
 #
 # Sourced by dracut, not run.  Settings (dracut.conf.d variables, all optional):
 #   mandos_agent_keydir="DIR"        the four key files (default: /etc/keys/mandos, then
@@ -116,13 +118,15 @@ install() {
     inst_simple "$moddir/mandos-password-agent.service" "$unitdir/mandos-password-agent.service"
     # The administrator's options (e.g. --connect) from the installed system's drop-ins.
     inst_multiple -o /etc/systemd/system/mandos-password-agent.service.d/*.conf
-    # Pull the network up along with the agent, but do not wait for it: the agent retries.
+    # Pull the network up along with the agent (so at boot), but do not wait for it: the agent
+    # retries until the network carries its request.
     if dracut_module_included systemd-networkd; then
         mkdir -p "$initdir$unitdir/mandos-password-agent.service.d"
         printf '[Unit]\nWants=systemd-networkd.service\n' \
             > "$initdir$unitdir/mandos-password-agent.service.d/50-networkd.conf"
     fi
-    $SYSTEMCTL -q --root "$initdir" enable mandos-password-agent.path || return 1
+    $SYSTEMCTL -q --root "$initdir" enable mandos-password-agent.service \
+        mandos-password-agent.path || return 1
 
     if [[ $hostonly_cmdline == yes ]] && _mandos_agent_network_volumes; then
         mkdir -p "$initdir/etc/cmdline.d"

@@ -7,8 +7,8 @@ resolution imports ``encodings.idna``, python-gnupg starts gpg through ``subproc
 threads, ctypes looks for libgnutls), and lists the file behind every module that got loaded:
 
 - standard library files keep their path, so the interpreter finds its prefix as usual;
-- everything else (our packages, inotify_simple, python-gnupg) goes to one private directory
-  that the agent's unit puts on PYTHONPATH.
+- everything else (our packages, inotify_simple, python-gnupg, sdnotify) goes to one private
+  directory that the agent's unit puts on PYTHONPATH.
 
 Usage: python-files.py [--zeroconf] PRIVATE_DIR [SEARCH_PATH ...]; SEARCH_PATH entries are put
 in front of sys.path, so the packages can come from a virtualenv or a source tree.  With
@@ -25,8 +25,10 @@ import sysconfig
 import tempfile
 
 #: What the agent imports to run; ``python3 -m password_agent`` runs MAIN_MODULE, which is
-#: found but not executed here.  BROWSE_MODULE (Zeroconf) is imported only when wanted.
-ENTRY_MODULES = ("password_agent.cli", "password_agent.agent")
+#: found but not executed here.  ``password_agent.notify`` (with sdnotify) is imported only
+#: with ``--watch``, as the initramfs runs it.  BROWSE_MODULE (Zeroconf) is imported only when
+#: wanted.
+ENTRY_MODULES = ("password_agent.cli", "password_agent.agent", "password_agent.notify")
 MAIN_MODULE = "password_agent.__main__"
 BROWSE_MODULE = "password_agent.browse"
 #: Never ship these, even if the tracing run imported them: the agent has no use for them

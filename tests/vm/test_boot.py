@@ -1,8 +1,10 @@
 """The whole chain in a real boot: a qemu VM whose root file system is LUKS2-encrypted boots a
-dracut/systemd initramfs carrying our module (dracut-module/90mandos-agent); systemd-cryptsetup
-asks for the passphrase; our agent, started by its .path unit, fetches it from OUR server on
-host loopback (named by ``mandos=connect:`` on the kernel command line) and answers; the root is
-mounted from /dev/mapper/luks-UUID and its /sbin/init prints ROOT-UNLOCKED-OK.
+dracut/systemd initramfs carrying our module (dracut-module/90mandos-agent); our agent starts at
+boot, resident (``--watch``), and warms up; systemd-cryptsetup asks for the passphrase; the agent
+fetches it from OUR server on host loopback (named by ``mandos=connect:`` on the kernel command
+line) and answers; it is stopped before switch-root and removes its GnuPG home; the root is
+mounted from /dev/mapper/luks-UUID and its /sbin/init reports what the agent left in /run and
+prints ROOT-UNLOCKED-OK.
 
 qemu's stdin is /dev/null, so the console prompt that systemd shows in parallel cannot be what
 answered.  The images are cached (tests/vm/images.py); a warm run is one boot, about 20 s
@@ -89,12 +91,22 @@ def test_our_agent_unlocks_the_luks_root(vm_images: images.VmImages, server: Our
     assert f"root mount: /dev/mapper/luks-{uuid} / ext4" in console, context
     assert result.first(r"mandos-password-agent: answered ask\.\S+ \(Id cryptsetup:") \
         is not None, f"our agent did not say it answered; {context}"
+    ready = result.first(r"mandos-password-agent: warm \(GnuPG home ready\)")
+    request = result.first(r"mandos-password-agent: request ask\.")
+    assert ready is not None and request is not None and ready <= request, \
+        f"the agent was not warm before the request; {context}"
+    # Stopped before switch-root, it removed its GnuPG home (the secret key) from /run, which
+    # the root keeps, and its gpg-agent is gone; the record of answers stays.
+    assert result.first(r"mandos-password-agent: terminated; exiting") is not None, context
+    assert "agent run directory: answered\n" in console, context
+    assert "gpg-agent processes: 0\n" in console, context
     assert "Traceback" not in console, context
     assert server.journal is not None
     sent = server.journal.find("secret-sent", MANDOS_CLIENT=CLIENT)
     assert len(sent) == 1, f"server journal: {server.journal.entries}; {context}"
     timings = {name: result.first(pattern) for name, pattern in (
         ("initramfs", r"Welcome to .*\(Initramfs\)"),
+        ("agent warm", r"mandos-password-agent: warm "),
         ("request", r"mandos-password-agent: request ask\."),
         ("answered", r"mandos-password-agent: answered ask\."),
         ("root", DONE))}
@@ -136,9 +148,10 @@ def lsinitrd(image: Path, *files: str) -> str:
 
 
 def test_initramfs_holds_the_agent_and_nothing_it_must_not(vm_images: images.VmImages) -> None:
-    """What the module put in: the interpreter, the agent, its keys private, the units enabled
-    with mandos=off honoured; and what it left out: the keygen, cryptography, Python's OpenSSL
-    modules and libssl (libcrypto is there anyway, for cryptsetup)."""
+    """What the module put in: the interpreter, the agent (with sdnotify), its keys private, the
+    resident service and the .path unit enabled, with mandos=off honoured; and what it left
+    out: the keygen, cryptography, Python's OpenSSL modules and libssl (libcrypto is there
+    anyway, for cryptsetup)."""
     listing = lsinitrd(vm_images.initrd)
     # "mode links user group size month day time path[ -> target]"
     entries = {line.split(None, 8)[8].split(" -> ")[0]: line
@@ -147,11 +160,13 @@ def test_initramfs_holds_the_agent_and_nothing_it_must_not(vm_images: images.VmI
     for path in ("usr/bin/python3", f"{agent}/password_agent/__main__.py",
                  f"{agent}/password_agent/__pycache__/agent.cpython-311.pyc",
                  f"{agent}/mandos_protocol/gnutls.py", f"{agent}/gnupg.py",
-                 f"{agent}/inotify_simple.py", "usr/lib/python3.11/os.py",
+                 f"{agent}/inotify_simple.py", f"{agent}/sdnotify/__init__.py",
+                 "usr/lib/python3.11/os.py",
                  "usr/lib/python3.11/lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so",
                  "usr/lib/x86_64-linux-gnu/libgnutls.so.30", "usr/bin/gpg", "usr/bin/gpg-agent",
                  "usr/bin/gpgconf",
-                 "etc/systemd/system/sysinit.target.wants/mandos-password-agent.path"):
+                 "etc/systemd/system/sysinit.target.wants/mandos-password-agent.path",
+                 "etc/systemd/system/sysinit.target.wants/mandos-password-agent.service"):
         assert path in entries, f"{path} is missing from the initramfs"
     for name in ("pubkey.txt", "seckey.txt", "tls-pubkey.pem", "tls-privkey.pem"):
         line = entries[f"etc/mandos/keys/{name}"]
@@ -165,7 +180,9 @@ def test_initramfs_holds_the_agent_and_nothing_it_must_not(vm_images: images.VmI
     units = lsinitrd(vm_images.initrd, f"{UNITS}/mandos-password-agent.service",
                      f"{UNITS}/mandos-password-agent.path")
     assert units.count("ConditionKernelCommandLine=!mandos=off") == 2, units
-    assert "ExecStart=/usr/bin/python3 -S -m password_agent --keydir /etc/mandos/keys" in units
+    assert ("ExecStart=/usr/bin/python3 -S -m password_agent --watch --keydir /etc/mandos/keys"
+            in units)
+    assert "Type=notify" in units
     assert "After=network-online.target" not in units  # it retries instead of waiting
     dropin = lsinitrd(vm_images.initrd,
                       f"{UNITS}/mandos-password-agent.service.d/50-networkd.conf")
