@@ -22,7 +22,7 @@ PEER_PROGRAMS = (
     upstream.MANDOS, upstream.MANDOS_KEYGEN, upstream.MANDOS_CTL, upstream.MANDOS_CLIENT,
     JOURNALD, "certtool", "gpg", "dbus-daemon", "ip", "unshare", "nsenter", "timeout",
     "journalctl", "systemd-ask-password", "systemd-analyze", "systemd-socket-activate",
-    "avahi-daemon", "tmux", "fping",
+    "avahi-daemon", "tmux", "fping", "groff",
 )
 
 
@@ -135,3 +135,14 @@ class Keys:
 def keys(upstream_key_factory: Callable[[str], upstream.KeySet]) -> Keys:
     """Made once per session, from the conftest's upstream key factory."""
     return Keys(upstream_key_factory("foo"), upstream_key_factory("bar"))
+
+
+@pytest.fixture
+def manpath(tmp_path: Path) -> dict[str, str]:
+    """An environment whose ``MANPATH`` finds our manual pages as a package installs them
+    (``man8/``), for ``systemd-analyze verify`` to check the units' ``Documentation=``."""
+    pages = tmp_path / "manpath" / "man8"
+    pages.mkdir(parents=True)
+    for page in (Path(__file__).resolve().parent.parent / "man").glob("*.8"):
+        shutil.copy(page, pages)
+    return {**os.environ, "MANPATH": str(pages.parent)}

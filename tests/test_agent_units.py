@@ -247,9 +247,10 @@ def test_send_password_to_a_missing_socket_is_an_agent_error(tmp_path: Path) -> 
 
 # --- systemd units --------------------------------------------------------------------------
 
-def test_units_verify(tmp_path: Path) -> None:
-    """``systemd-analyze verify`` accepts both units, without a single warning.  The installed
-    command does not exist here, so ExecStart points at this venv's console script."""
+def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
+    """``systemd-analyze verify`` accepts both units, without a single warning, their
+    Documentation= pages (ours) included.  The installed command does not exist here, so
+    ExecStart points at this venv's console script."""
     script = Path(sys.executable).parent / "mandos-password-agent"
     assert os.access(script, os.X_OK), "the project is not installed in this venv"
     for name in ("mandos-password-agent.path", "mandos-password-agent.service"):
@@ -261,10 +262,9 @@ def test_units_verify(tmp_path: Path) -> None:
     result = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "mandos-password-agent.path"),
          str(tmp_path / "mandos-password-agent.service")],
-        capture_output=True, text=True, timeout=60)
+        capture_output=True, text=True, timeout=60, env=manpath)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
-
 
 
 def _unit_values(text: str, key: str) -> list[str]:

@@ -155,10 +155,11 @@ def _units_for_test(directory: Path) -> tuple[Path, Path]:
     return socket_unit, service_unit
 
 
-def test_units_verify(tmp_path: Path) -> None:
+def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
+    """The units verify, their Documentation= pages (ours) included."""
     socket_unit, service_unit = _units_for_test(tmp_path)
     result = subprocess.run(["systemd-analyze", "verify", str(socket_unit), str(service_unit)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=manpath)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.strip() == "", result.stderr
 
