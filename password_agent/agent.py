@@ -40,7 +40,7 @@ from password_agent.gnupghome import remove_stale_homes
 from password_agent.keyfiles import KeyFiles
 from password_agent.reply import send_password
 from password_agent.rundir import hold, private_directory
-from password_agent.servers import Server, find_servers, wait_for_interface
+from password_agent.servers import Interfaces, Server, find_servers, wait_for_interfaces
 from password_agent.watch import RequestWatcher
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class AgentConfig:
     run_directory: Path
     connect: list[Server] = field(default_factory=list)
     priority: str | None = None
-    interface: str | None = None
+    interfaces: Interfaces = field(default_factory=Interfaces)
     retry: float = 3.0
     delay: float = 2.5
     timeout: float | None = None
@@ -145,8 +145,8 @@ class Agent:
         self._load_tls()
         if not self._interface_checked:
             self._interface_checked = True
-            if self.config.interface and not self.config.connect:
-                wait_for_interface(self.config.interface, self.config.delay)
+            if self.config.interfaces.awaited and not self.config.connect:
+                wait_for_interfaces(self.config.interfaces.awaited, self.config.delay)
 
     def _warm_up(self) -> None:
         """``--watch``, before ``READY=1``: everything that needs no request, and no network.
@@ -236,7 +236,7 @@ class Agent:
         """One round over the servers; the first password decrypted, or None."""
         assert self._credentials is not None and self._priority is not None
         try:
-            servers = find_servers(self.config.connect, self.config.interface,
+            servers = find_servers(self.config.connect, self.config.interfaces.only,
                                    deadline.left(BROWSE_SECONDS))
         except ImportError:
             raise AgentError("no --connect given and python-zeroconf is not installed; give "

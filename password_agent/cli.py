@@ -23,7 +23,7 @@ from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
 from password_agent.rundir import DEFAULT_RUN_DIRECTORY
-from password_agent.servers import parse_connect
+from password_agent.servers import parse_connect, parse_interfaces
 from password_agent.watch import DEFAULT_AGENT_DIRECTORY
 
 log = logging.getLogger("password_agent")
@@ -64,13 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-privkey", type=Path,
                         help="TLS private key (KEYDIR/tls-privkey.pem)")
     parser.add_argument("--priority", help="GnuTLS priority string (default: upstream's)")
-    parser.add_argument("--interface", help="network interface for link-local addresses and "
-                                            "Zeroconf browsing ('none': any)")
+    parser.add_argument("--interface", metavar="NAME[,NAME...]",
+                        help="network interfaces to give --delay to come up, comma-separated "
+                             "('none' ends the list); exactly one name also confines Zeroconf "
+                             "browsing to it and is the scope of link-local --connect "
+                             "addresses (default: all interfaces)")
     parser.add_argument("--retry", type=_seconds, default=3.0, metavar="SECONDS",
                         help="longest pause between rounds of attempts (default: %(default)s)")
     parser.add_argument("--delay", type=_seconds, default=2.5, metavar="SECONDS",
-                        help="how long to wait for --interface to come up (default: "
-                             "%(default)s)")
+                        help="how long to wait for the --interface interfaces to come up "
+                             "(default: %(default)s)")
     lifetime = parser.add_mutually_exclusive_group()
     lifetime.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                           help="give up after this long with requests unanswered (exit 1); "
@@ -98,9 +101,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
     kernel = read_cmdline(arguments.kernel_cmdline)
     if kernel.off:
         return None
-    interface = kernel.interface or arguments.interface
-    if interface == "none":
-        interface = None
+    interfaces = parse_interfaces(kernel.interface or arguments.interface)
     connect_texts = list(arguments.connect)
     if kernel.connect is not None:
         connect_texts.insert(0, kernel.connect)  # upstream: the kernel command line wins
@@ -111,9 +112,9 @@ def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
                       arguments.tls_pubkey or keys.tls_pubkey,
                       arguments.tls_privkey or keys.tls_privkey),
         run_directory=arguments.run_directory,
-        connect=[parse_connect(text, interface) for text in connect_texts],
+        connect=[parse_connect(text, interfaces.only) for text in connect_texts],
         priority=arguments.priority,
-        interface=interface,
+        interfaces=interfaces,
         retry=max(arguments.retry, 0.1),
         delay=arguments.delay,
         timeout=arguments.timeout,

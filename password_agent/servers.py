@@ -3,6 +3,11 @@
 ``--connect`` takes what upstream's ``mandos-client`` takes, ``ADDRESS:PORT`` split on the last
 colon (so ``fe80::1%eth0:4711`` works), and also the bracketed form ``[::1]:4711``.  A link-local
 IPv6 address without a ``%scope`` gets the ``--interface`` as its scope.
+
+``--interface`` is upstream's comma-separated list (:func:`parse_interfaces`).  Upstream brings
+the listed interfaces up; here the initramfs' network service does that, and the agent only
+gives them up to ``--delay`` seconds to come up.  Exactly one name also confines browsing to
+that interface and scopes link-local ``--connect`` addresses to it, as upstream does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,26 @@ class Server:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Interfaces:
+    """What ``--interface NAME[,NAME...]`` asks for."""
+
+    #: The one interface to browse on and to scope link-local addresses to, if exactly one
+    #: name (other than ``none``) was given; else browsing uses every interface.
+    only: str | None = None
+    #: The interfaces to give ``--delay`` seconds to come up: those named before ``none``.
+    awaited: tuple[str, ...] = ()
+
+
+def parse_interfaces(text: str | None) -> Interfaces:
+    """``--interface`` as upstream reads it: names separated by commas; ``none`` ends the list
+    of interfaces to bring up (and alone means none); an empty value means all of them."""
+    names = [name for name in (text or "").split(",") if name]
+    awaited = tuple(names[:names.index("none")] if "none" in names else names)
+    only = names[0] if len(names) == 1 and names[0] != "none" else None
+    return Interfaces(only, awaited)
 
 
 def _is_link_local(host: str) -> bool:
@@ -76,20 +101,31 @@ def find_servers(connect: list[Server], interface: str | None, browse_timeout: f
     return found
 
 
-def wait_for_interface(interface: str, delay: float, sys_class_net: Path = Path(
+#: Operational states of an interface that is up (loopback and some virtual links say
+#: "unknown").
+_UP = ("up", "unknown")
+
+
+def _operstate(sys_class_net: Path, interface: str) -> str:
+    try:
+        return (sys_class_net / interface / "operstate").read_text().strip()
+    except OSError:
+        return "missing"
+
+
+def wait_for_interfaces(interfaces: tuple[str, ...], delay: float, sys_class_net: Path = Path(
         "/sys/class/net")) -> None:
-    """Give ``interface`` up to ``delay`` seconds to come up (upstream's ``--delay``); carry on
-    regardless, since the retries cover a slow network too."""
-    operstate = sys_class_net / interface / "operstate"
+    """Give ``interfaces`` up to ``delay`` seconds in all to come up (upstream's ``--delay``);
+    carry on regardless, since the retries cover a slow network too."""
     until = time.monotonic() + delay
+    waiting = list(interfaces)
     while True:
-        try:
-            state = operstate.read_text().strip()
-        except OSError:
-            state = "missing"
-        if state in ("up", "unknown"):  # loopback and some virtual links say "unknown"
+        waiting = [name for name in waiting if _operstate(sys_class_net, name) not in _UP]
+        if not waiting:
             return
         if time.monotonic() >= until:
-            log.info("interface %s is %s after %.1f s; trying anyway", interface, state, delay)
+            for name in waiting:
+                log.info("interface %s is %s after %.1f s; trying anyway", name,
+                         _operstate(sys_class_net, name), delay)
             return
         time.sleep(0.1)

@@ -4,10 +4,12 @@ record of answers sent, the datagram reply, and the systemd units (``systemd-ana
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,13 @@ from password_agent.cli import build_parser, config_from_arguments
 from password_agent.cmdline import KernelOptions, parse_cmdline
 from password_agent.errors import AgentError
 from password_agent.reply import send_password
-from password_agent.servers import Server, parse_connect
+from password_agent.servers import (
+    Interfaces,
+    Server,
+    parse_connect,
+    parse_interfaces,
+    wait_for_interfaces,
+)
 from tests.peers.ask import FakeRequester, monotonic_usec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +165,7 @@ def test_kernel_cmdline_connect_comes_first_and_ip_sets_interface(tmp_path: Path
     config = config_from_arguments(arguments)
     assert config is not None
     assert config.connect == [Server("fe80::2%eth7", 4711), Server("192.0.2.9", 1)]
-    assert config.interface == "eth7"
+    assert config.interfaces == Interfaces("eth7", ("eth7",))
     assert config.keys.pubkey == Path("/k/pubkey.txt")
     assert config.keys.seckey == Path("/s")
 
@@ -191,6 +199,66 @@ def test_mandos_off_makes_the_agent_do_nothing(tmp_path: Path) -> None:
 ])
 def test_parse_connect(text: str, interface: str | None, expected: Server) -> None:
     assert parse_connect(text, interface) == expected
+
+
+# --- --interface ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (None, Interfaces()),
+    ("", Interfaces()),
+    ("eth0", Interfaces("eth0", ("eth0",))),
+    ("eth0,eth1", Interfaces(None, ("eth0", "eth1"))),
+    ("eth0,,eth1,", Interfaces(None, ("eth0", "eth1"))),
+    ("none", Interfaces()),
+    ("eth0,none", Interfaces(None, ("eth0",))),
+    ("eth0,none,eth1", Interfaces(None, ("eth0",))),
+])
+def test_parse_interfaces_as_upstream(text: str | None, expected: Interfaces) -> None:
+    assert parse_interfaces(text) == expected
+
+
+@pytest.mark.parametrize(("interface", "host"), [
+    ("eth0", "fe80::1%eth0"), ("eth0,eth1", "fe80::1"), ("none", "fe80::1")])
+def test_only_a_single_interface_scopes_link_local_connect(tmp_path: Path, interface: str,
+                                                           host: str) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("ro\n")
+    arguments = build_parser().parse_args(
+        ["--kernel-cmdline", str(cmdline), "--connect", "[fe80::1]:4711",
+         f"--interface={interface}"])
+    config = config_from_arguments(arguments)
+    assert config is not None
+    assert config.connect == [Server(host, 4711)]
+
+
+def _links(tmp_path: Path, **states: str) -> Path:
+    """A stand-in for /sys/class/net with these operstates."""
+    for name, state in states.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "operstate").write_text(state + "\n")
+    return tmp_path
+
+
+def test_wait_for_interfaces_returns_once_all_are_up(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    links = _links(tmp_path, eth0="up", eth1="down", lo="unknown")
+    bring_up = threading.Timer(0.3, (links / "eth1" / "operstate").write_text, ["up\n"])
+    bring_up.start()
+    with caplog.at_level(logging.INFO):
+        wait_for_interfaces(("eth0", "eth1", "lo"), 30.0, links)
+    bring_up.join()
+    assert (links / "eth1" / "operstate").read_text() == "up\n"
+    assert "trying anyway" not in caplog.text
+
+
+def test_wait_for_interfaces_gives_up_after_the_delay_and_names_the_laggards(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    links = _links(tmp_path, eth0="up", eth1="down")
+    with caplog.at_level(logging.INFO):
+        wait_for_interfaces(("eth0", "eth1", "eth2"), 0.2, links)
+    assert "interface eth1 is down after 0.2 s; trying anyway" in caplog.text
+    assert "interface eth2 is missing after 0.2 s; trying anyway" in caplog.text
+    assert "interface eth0" not in caplog.text
 
 
 @pytest.mark.parametrize("text", ["4711", "host:", "host:0", "host:70000", "[::1]4711", ":1",

@@ -41,9 +41,10 @@ def test_agent_imports_only_what_the_initramfs_has() -> None:
 
 
 def _agent_answers_by_zeroconf(veth_pair: VethPair, client: UpstreamClient,
-                               tmp_path: Path) -> str:
+                               tmp_path: Path, interface: str | None = None) -> str:
     """Run the agent without --connect in side B while a Mandos server is announced in side A;
-    the request must get the password.  Returns the agent's log."""
+    the request must get the password.  ``interface``: the agent's ``--interface`` (default:
+    side B's interface).  Returns the agent's log."""
     requests = tmp_path / "ask-password"
     requests.mkdir()
     work = Path(tempfile.mkdtemp(prefix="mpa-"))
@@ -53,7 +54,8 @@ def _agent_answers_by_zeroconf(veth_pair: VethPair, client: UpstreamClient,
             agent = AgentRun(
                 ["--keydir", str(client.keys.directory), "--run-directory",
                  str(work / "run"), "--kernel-cmdline", "/dev/null", "--timeout", "30",
-                 "--agent-directory", str(requests), "--interface", veth_pair.b.interface],
+                 "--agent-directory", str(requests),
+                 f"--interface={interface or veth_pair.b.interface}"],
                 work / "agent.log", functools.partial(VethPair.wrap, veth_pair.b))
             assert fake.receive(25) == b"+" + client.password, agent.log()
             fake.remove_ask_file()
@@ -82,6 +84,19 @@ def test_agent_finds_the_announcer_with_zeroconf(
     secret.write_bytes(upstream_client.secret)
     with Announcement(veth_pair.a, PORT, serve=(upstream_client.keys.key_id, secret)):
         _agent_answers_by_zeroconf(veth_pair, upstream_client, tmp_path)
+
+
+def test_agent_with_an_interface_list_browses_every_interface(
+        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_private: Path,
+        tmp_path: Path) -> None:
+    """Upstream's comma-separated ``--interface``: more than one name means that browsing is
+    not confined to one interface (upstream's ``mandos-client`` browses on all of them)."""
+    secret = tmp_private / "secret"
+    secret.write_bytes(upstream_client.secret)
+    with Announcement(veth_pair.a, PORT, serve=(upstream_client.keys.key_id, secret)):
+        log = _agent_answers_by_zeroconf(veth_pair, upstream_client, tmp_path,
+                                         interface=f"{veth_pair.b.interface},lo")
+    assert "trying anyway" not in log  # both interfaces were up
 
 
 def test_agent_finds_our_server_with_zeroconf_over_link_local(
