@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import select
 import shutil
@@ -191,28 +190,32 @@ def one_run(agent: Agent, keys: KeySet, connect: str) -> float | None:
         command = agent.argv(keys, connect, requests, work)
         environment = agent.environment()
         with contextlib.ExitStack() as stack, open(work / "agent.log", "wb") as log:
-            start = functools.partial(subprocess.Popen, command, env=environment,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                       start_new_session=True)
+            def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=log, start_new_session=True)
+
             if agent.resident:
                 notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
                 notify.bind(str(work / "notify"))
                 process = start(env={**environment, "NOTIFY_SOCKET": str(work / "notify")})
                 if not _wait_ready(notify, process):
-                    return _failed(agent, work, "no READY=1")
+                    _failed(agent, work, "no READY=1")
+                    return None
             started = time.perf_counter()
             with FakeRequester(requests, {"Id": "cryptsetup:/dev/bench"}) as request:
                 if process is None:
-                    process = start()
+                    process = start(environment)
                 reply = request.receive(REPLY_TIMEOUT)
                 elapsed = time.perf_counter() - started
                 request.remove_ask_file()
             ended_well = _stop(process, agent.resident)
         # Upstream's agent sends a C string (with its NUL); the requester ignores the NUL.
         if reply is None or reply.removesuffix(b"\0") != b"+" + PASSWORD:
-            return _failed(agent, work, "no reply, or a wrong one")
+            _failed(agent, work, "no reply, or a wrong one")
+            return None
         if not ended_well:
-            return _failed(agent, work, "it did not exit 0 on SIGTERM")
+            _failed(agent, work, "it did not exit 0 on SIGTERM")
+            return None
         return elapsed
     finally:
         if process is not None and process.returncode is None:

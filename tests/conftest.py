@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers import upstream
+from tests.peers.agent import AgentHarness
 from tests.peers.ask import AskNamespace
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import JOURNALD, PrivateJournal
@@ -146,3 +148,18 @@ def manpath(tmp_path: Path) -> dict[str, str]:
     for page in (Path(__file__).resolve().parent.parent / "man").glob("*.8"):
         shutil.copy(page, pages)
     return {**os.environ, "MANPATH": str(pages.parent)}
+
+
+@pytest.fixture
+def agents(upstream_client: UpstreamClient) -> Iterator[AgentHarness]:
+    """Agents with the upstream client's keys, checked and stopped after the test."""
+    # Short paths: gpg-agent puts its sockets into the GnuPG home (108-byte limit).
+    work = Path(tempfile.mkdtemp(prefix="mpa-"))
+    harness = AgentHarness(upstream_client.keys, upstream_client.password, work)
+    try:
+        yield harness
+        harness.check_and_stop()
+    finally:
+        for run in harness.runs:
+            run.stop()
+        shutil.rmtree(work, ignore_errors=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UpstreamClient
+from tests.peers.agent import AgentRun
 from tests.peers.ask import AskNamespace, AskPassword
 from tests.peers.ours import OurServer, clients_conf
-from tests.test_agent_interop import AgentRun
 
 pytestmark = pytest.mark.interop
 

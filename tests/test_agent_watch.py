@@ -13,7 +13,6 @@ import select
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UpstreamClient
+from tests.peers.agent import AgentHarness, AgentRun, processes_mentioning
 from tests.peers.ask import AskNamespace, AskPassword, FakeRequester
 from tests.peers.ours import OurServer, clients_conf
-from tests.test_agent_interop import AgentHarness, AgentRun, _processes_mentioning
 
 pytestmark = pytest.mark.interop
 
@@ -107,20 +106,6 @@ class RecordingListener:
 
 
 @pytest.fixture
-def agents(upstream_client: UpstreamClient) -> Iterator[AgentHarness]:
-    # Short paths: gpg-agent puts its sockets into the GnuPG home (108-byte limit).
-    work = Path(tempfile.mkdtemp(prefix="mpa-"))
-    harness = AgentHarness(upstream_client.keys, upstream_client.password, work)
-    try:
-        yield harness
-        harness.check_and_stop()
-    finally:
-        for run in harness.runs:
-            run.stop()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture
 def notify(agents: AgentHarness) -> Iterator[NotifySocket]:
     notify_socket = NotifySocket(agents.work / "notify")
     try:
@@ -150,7 +135,7 @@ def test_watch_is_warm_when_ready_answers_requests_in_turn_and_cleans_up_on_sigt
     homes = _homes(agents)
     assert len(homes) == 1, agent.log()
     assert any((homes[0] / "private-keys-v1.d").iterdir()), "no secret key imported"
-    assert [command for command in _processes_mentioning(str(homes[0]))
+    assert [command for command in processes_mentioning(str(homes[0]))
             if command.startswith("gpg-agent")], "no gpg-agent running for the home"
     assert server.journal is not None
     assert server.journal.find("secret-sent") == []
@@ -174,7 +159,7 @@ def test_watch_is_warm_when_ready_answers_requests_in_turn_and_cleans_up_on_sigt
     agent.process.send_signal(signal.SIGTERM)
     assert agent.wait(10) == 0, agent.log()  # and no process mentions the run directory
     assert _homes(agents) == []
-    assert _processes_mentioning(str(homes[0])) == []
+    assert processes_mentioning(str(homes[0])) == []
     assert notify.received("STOPPING=1")
     assert "terminated" in agent.log()
 
@@ -246,7 +231,7 @@ def test_a_home_left_by_a_killed_agent_is_removed_but_never_a_live_agents(
         [second_home] = _homes(agents)
         assert second_home != live and not live.exists()
         assert "left by an agent that was killed" in second.log()
-        assert _processes_mentioning(str(live)) == []  # its gpg-agent was stopped too
+        assert processes_mentioning(str(live)) == []  # its gpg-agent was stopped too
 
         third = agents.start("--watch", connect=["127.0.0.1:9"],
                              agent_directory=tmp_path / "third", wrap=third_notify.wrap())
@@ -255,7 +240,7 @@ def test_a_home_left_by_a_killed_agent_is_removed_but_never_a_live_agents(
         for agent in (second, third):
             agent.process.send_signal(signal.SIGTERM)
         assert [agent.process.wait(10) for agent in (second, third)] == [0, 0]
-        assert _processes_mentioning(str(agents.run_directory)) == []
+        assert processes_mentioning(str(agents.run_directory)) == []
     finally:
         second_notify.close()
         third_notify.close()

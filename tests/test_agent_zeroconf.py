@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UpstreamClient
+from tests.peers.agent import AgentRun
 from tests.peers.ask import FakeRequester
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.netns import VethPair
 from tests.peers.upstream import UpstreamServer
 from tests.peers.zeroconf import PORT, Announcement, AvahiDaemon, OurServerInNamespace
-from tests.test_agent_interop import AgentRun
 
 pytestmark = pytest.mark.interop
 
