@@ -52,12 +52,21 @@ class Boot:
         return next((at for at, line in self.arrivals if regex.search(line)), None)
 
 
+@dataclass(frozen=True)
+class Typist:
+    """A human at the serial console: once the console shows ``prompt`` (no newline needed),
+    type ``text`` and Enter, once."""
+
+    prompt: str
+    text: bytes
+
+
 def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int, log: Path,
-         timeout: float, done_marker: str) -> Boot:
+         timeout: float, done_marker: str, typist: Typist | None = None) -> Boot:
     """Boot until qemu exits, or ``timeout`` passes, or the guest printed ``done_marker`` and
     did not power off soon after (qemu is killed then); the guest's
-    ``GUEST_SERVER`` reaches 127.0.0.1:``host_port``.  stdin is /dev/null, so nobody can type
-    the passphrase at systemd's console prompt."""
+    ``GUEST_SERVER`` reaches 127.0.0.1:``host_port``.  Without a ``typist``, stdin is
+    /dev/null, so nobody can type the passphrase at systemd's console prompt."""
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else ["-accel", "tcg", "-cpu", "max"]
     address, port = GUEST_SERVER
     forward = f"guestfwd=tcp:{address}:{port}-cmd:socat - TCP:127.0.0.1:{host_port}"
@@ -72,9 +81,12 @@ def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int,
     with open(log, "wb") as output:
         output.write(f"# {shlex.join(argv)}\n".encode())
         output.flush()
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL if typist is None else subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         assert process.stdout is not None
+        console = b""  # what the guest printed, for the typist to read
+        typed = False
         os.set_blocking(process.stdout.fileno(), False)
         pending = b""
         deadline = start + timeout
@@ -92,6 +104,13 @@ def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int,
                 if chunk:
                     output.write(chunk)
                     output.flush()
+                    if typist is not None and not typed:
+                        console += chunk
+                        if typist.prompt.encode() in console:
+                            assert process.stdin is not None
+                            process.stdin.write(typist.text + b"\r")
+                            process.stdin.flush()
+                            typed = True
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
                     for line in lines:
@@ -106,6 +125,8 @@ def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int,
                 os.killpg(process.pid, signal.SIGKILL)
             result.returncode = process.wait()
             process.stdout.close()
+            if process.stdin is not None:
+                process.stdin.close()
     result.seconds = time.monotonic() - start
     return result
 

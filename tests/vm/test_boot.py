@@ -7,7 +7,8 @@ mounted from /dev/mapper/luks-UUID and its /sbin/init reports what the agent lef
 prints ROOT-UNLOCKED-OK.
 
 qemu's stdin is /dev/null, so the console prompt that systemd shows in parallel cannot be what
-answered.  The images are cached (tests/vm/images.py); a warm run is one boot, about 20 s
+answered; only the ``mandos=off`` boot has a typist at the console, who types the passphrase
+there.  The images are cached (tests/vm/images.py); a warm run is one boot, about 20 s
 under TCG.
 """
 
@@ -138,6 +139,34 @@ def test_a_wrong_password_is_sent_once_and_never_again(vm_images: images.VmImage
     assert len(answered) == 1, f"answered {len(answered)} times; {context}"
     assert result.first(r"mandos-password-agent: not answering ask\.\S+: this password was "
                         r"already sent") is not None, context
+
+
+def test_mandos_off_leaves_the_disk_to_the_human_at_the_console(
+        vm_images: images.VmImages, server: OurServer, tmp_path: Path) -> None:
+    """``mandos=off`` on the kernel command line (the admin's way out): neither of our units
+    starts, the server hears nothing, and the passphrase typed at systemd's console prompt
+    unlocks the root."""
+    result = qemu.boot(kernel=vm_images.kernel.vmlinuz, initrd=vm_images.initrd,
+                       disk=vm_images.disk.image,
+                       append=kernel_command_line(vm_images.disk, "mandos=off"),
+                       host_port=server.port, log=tmp_path / "serial.log",
+                       timeout=BOOT_TIMEOUT, done_marker=DONE,
+                       typist=qemu.Typist("Please enter passphrase for disk",
+                                          vm_images.passphrase.read_bytes()))
+    console = result.text
+    context = f"serial console ({result.log}), last lines:\n" + "\n".join(
+        console.splitlines()[-40:])
+    assert not result.timed_out, f"no {DONE} within {BOOT_TIMEOUT:g} s; {context}"
+    uuid = vm_images.disk.luks_uuid
+    assert f"root mount: /dev/mapper/luks-{uuid} / ext4" in console, context
+    assert result.first(r"(?<!/run/)mandos-password-agent:") is None, \
+        f"our agent ran; {context}"
+    assert "Forward Password Requests to a Mandos Server" not in console, context
+    assert "agent run directory: ls: /run/mandos-password-agent: No such file" in console, \
+        context
+    assert server.journal is not None
+    heard = [entry for entry in server.journal.entries if "MANDOS_PEER" in entry]
+    assert heard == [], f"the server heard from the VM; {context}"
 
 
 def lsinitrd(image: Path, *files: str) -> str:
