@@ -8,8 +8,7 @@ prints ROOT-UNLOCKED-OK.
 
 qemu's stdin is /dev/null, so the console prompt that systemd shows in parallel cannot be what
 answered; only the ``mandos=off`` boot has a typist at the console, who types the passphrase
-there.  The images are cached (tests/vm/images.py); a warm run is one boot, about 20 s
-under TCG.
+there.  The images are cached (tests/vm/images.py); each boot takes about 20 s under TCG.
 """
 
 from __future__ import annotations
