@@ -18,7 +18,10 @@ schedules the registration as a task, so that the server is serving (and tells s
 once; the task logs its outcome through ``log`` and :meth:`Announcer.wait_registered` waits for it.
 A name already in use is renamed the way avahi does it for upstream ("Mandos" becomes
 "Mandos #2", then "Mandos #3", ...), not python-zeroconf's "Mandos-2".  python-zeroconf checks for
-collisions only while probing: a conflicting announcement that arrives later does not rename us.
+collisions only while probing; a conflicting announcement that arrives later (two links joined,
+a host that did not probe) is caught here, as avahi catches it for upstream: another responder's
+SRV record for our name with other data (RFC 6762 section 9) makes us withdraw the name and
+register under the next one.
 
 With several interfaces every interface's addresses are announced on every interface (one
 python-zeroconf instance answers for all); a client takes the first address of its link's family
@@ -37,8 +40,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ifaddr
-from zeroconf import IPVersion, NonUniqueNameException
+from zeroconf import (
+    DNSQuestion,
+    DNSService,
+    IPVersion,
+    NonUniqueNameException,
+    RecordUpdate,
+    RecordUpdateListener,
+    Zeroconf,
+)
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _TYPE_SRV
 
 SERVICE_TYPE = "_mandos._tcp.local."
 
@@ -110,6 +122,31 @@ def _ipv4_by_interface() -> dict[str, list[str]]:
     return result
 
 
+class _ConflictWatch(RecordUpdateListener):
+    """Calls ``on_conflict`` (once) when another responder announces an SRV record for the
+    registered name with other data than ours; our own announcements, echoed back, match."""
+
+    def __init__(self, info: AsyncServiceInfo, on_conflict: Callable[[], None]) -> None:
+        super().__init__()
+        self.name = info.name.lower()
+        assert info.server is not None
+        self.ours = (info.server.lower(), info.port)
+        self._on_conflict: Callable[[], None] | None = on_conflict
+
+    def question(self) -> DNSQuestion:
+        return DNSQuestion(self.name, _TYPE_SRV, _CLASS_IN)
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]
+                             ) -> None:
+        for update in records:
+            record = update.new
+            if (self._on_conflict is not None and isinstance(record, DNSService)
+                    and record.name.lower() == self.name and record.ttl > 0
+                    and (record.server.lower(), record.port) != self.ours):
+                on_conflict, self._on_conflict = self._on_conflict, None
+                on_conflict()
+
+
 class Announcer:
     """The server's ``_mandos._tcp`` announcement on one interface or on all of them."""
 
@@ -123,6 +160,8 @@ class Announcer:
         self._name = servicename
         self._zeroconf: AsyncZeroconf | None = None
         self._task: asyncio.Task[bool] | None = None
+        self._registered: AsyncServiceInfo | None = None
+        self._watch: _ConflictWatch | None = None
 
     @property
     def name(self) -> str:
@@ -154,6 +193,7 @@ class Announcer:
 
     async def stop(self) -> None:
         """Withdraw the announcement (goodbye packets) and close the sockets."""
+        self._unwatch()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -199,8 +239,29 @@ class Announcer:
                 packed.extend(socket.inet_pton(socket.AF_INET, address) for address in ipv4)
         return packed
 
-    async def _register(self) -> bool:
-        """Register under ``servicename``, renamed after each collision; log the outcome."""
+    def _unwatch(self) -> None:
+        if self._watch is not None and self._zeroconf is not None:
+            self._zeroconf.zeroconf.async_remove_listener(self._watch)
+        self._watch = None
+
+    def _conflict(self) -> None:
+        """Another responder took our name after we registered it: give it up and register
+        under the next name, as avahi does for upstream."""
+        self._task = asyncio.get_running_loop().create_task(self._rename())
+
+    async def _rename(self) -> bool:
+        assert self._zeroconf is not None and self._registered is not None
+        self._unwatch()
+        name = alternative_service_name(self._name)
+        self._log(f"Zeroconf service name collision; changing Zeroconf service name to "
+                  f"{name!r}")
+        registered, self._registered = self._registered, None
+        await self._zeroconf.async_unregister_service(registered)
+        return await self._register(name)
+
+    async def _register(self, name: str | None = None) -> bool:
+        """Register under ``name`` (default: ``servicename``), renamed after each collision;
+        log the outcome, and watch for a later conflict."""
         assert self._zeroconf is not None
         addresses = await self._addresses()
         if not addresses:
@@ -209,7 +270,7 @@ class Announcer:
             self._log(f"Zeroconf: no usable address on {where}; the server is not announced")
             return False
         server = f"{socket.gethostname().split('.')[0]}.local."
-        name = self.servicename
+        name = name or self.servicename
         for _ in range(MAX_RENAMES + 1):
             self._name = name
             info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=self.port,
@@ -226,6 +287,9 @@ class Announcer:
                 return False
             await announced
             self._log(f"Zeroconf service {name!r} established on port {self.port}")
+            self._registered = info
+            self._watch = _ConflictWatch(info, self._conflict)
+            self._zeroconf.zeroconf.async_add_listener(self._watch, self._watch.question())
             return True
         self._log(f"No suitable Zeroconf service name found after {MAX_RENAMES} renames")
         return False

@@ -29,8 +29,10 @@ from tests.peers.zeroconf import (
     Announcement,
     Announcing,
     AvahiDaemon,
+    BackgroundProgram,
     OurServerInNamespace,
     names_seen,
+    peer_argv,
     run_peer,
 )
 
@@ -128,6 +130,23 @@ def test_name_collision_renames_to_mandos_2(veth_pair: VethPair) -> None:
     # python-zeroconf scopes a link-local address only if its AAAA came in over IPv6.
     assert ({address.partition("%")[0] for address in addresses}, port) == (
         {veth_pair.a.link_local, veth_pair.a.ipv4}, PORT)
+
+
+def test_a_late_conflict_renames_our_server_to_mandos_2(
+        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_private: Path) -> None:
+    """Our server holds "Mandos"; then a host that did not probe announces "Mandos" too (say,
+    its link was down while it probed).  Ours must give the name up and take "Mandos #2", as
+    avahi does for upstream, and stay reachable under it."""
+    with OurServerInNamespace(veth_pair.a, upstream_client.section, tmp_private) as server:
+        assert names_seen(veth_pair.b, {"Mandos"}).get("Mandos", [None, None])[1] == PORT
+        with BackgroundProgram(VethPair.wrap(veth_pair.b, peer_argv(
+                "squat", str(PORT + 1), veth_pair.b.ipv4)), ready="REGISTERED "):
+            seen = names_seen(veth_pair.b, {"Mandos", "Mandos #2"})
+            log = server.output()
+    assert "changing Zeroconf service name to 'Mandos #2'" in log, log
+    assert seen.keys() == {"Mandos", "Mandos #2"}, seen
+    assert seen["Mandos"][1] == PORT + 1  # the squatter's
+    assert seen["Mandos #2"][1] == PORT  # ours, under its new name
 
 
 def test_name_collision_with_upstream_avahi_renames_to_mandos_2(

@@ -6,6 +6,10 @@
   built on the library's server role that hands the blob in ``--secret-file`` to that key id.
   Prints ``LISTENING`` once the TCP socket listens and ``REGISTERED <name>`` (or ``FAILED``) when
   registration has ended; SIGTERM withdraws the announcement and exits.
+* ``squat PORT ADDRESS [--name N]``: announces N (default "Mandos") for PORT at ADDRESS
+  under the host name ``squatter.local.`` *without probing first* (python-zeroconf's
+  ``cooperating_responders``), as a host does whose link was down while it probed: a late
+  conflict for whoever holds N.  Prints ``REGISTERED <name>``; SIGTERM withdraws it.
 * ``browse TIMEOUT [--interface I]``: prints :func:`~password_agent.browse.browse`'s result as
   JSON.
 * ``names TIMEOUT``: prints the instance names of the ``_mandos._tcp`` services seen within
@@ -85,6 +89,26 @@ async def _announce(arguments: argparse.Namespace) -> None:
     await announcer.stop()
 
 
+async def _squat(arguments: argparse.Namespace) -> None:
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    service_type = "_mandos._tcp.local."
+    info = AsyncServiceInfo(service_type, f"{arguments.name}.{service_type}",
+                            port=arguments.port, properties={}, server="squatter.local.",
+                            addresses=[socket.inet_pton(socket.AF_INET, arguments.address)])
+    zeroconf = AsyncZeroconf(ip_version=IPVersion.All)
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    try:
+        await (await zeroconf.async_register_service(info, allow_name_change=False,
+                                                     cooperating_responders=True))
+        print(f"REGISTERED {arguments.name}", flush=True)
+        await stopped.wait()
+    finally:
+        await zeroconf.async_close()
+
+
 def _names(timeout: float) -> dict[str, tuple[list[str], int]]:
     from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
 
@@ -129,6 +153,10 @@ def main() -> None:
     announce.add_argument("--interface")
     announce.add_argument("--key-id")
     announce.add_argument("--secret-file")
+    squat = commands.add_parser("squat")
+    squat.add_argument("port", type=int)
+    squat.add_argument("address")
+    squat.add_argument("--name", default="Mandos")
     browse = commands.add_parser("browse")
     browse.add_argument("timeout", type=float)
     browse.add_argument("--interface")
@@ -142,6 +170,8 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.command == "announce":
         asyncio.run(_announce(arguments))
+    elif arguments.command == "squat":
+        asyncio.run(_squat(arguments))
     elif arguments.command == "browse":
         from password_agent.browse import browse as browse_servers
 
