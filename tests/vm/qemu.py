@@ -1,5 +1,6 @@
-"""Booting the test VM: qemu with the serial console in a log file, user networking that reaches
-nothing but one forwarded port on host loopback, and a hard deadline.
+"""Booting the test VMs: qemu with the serial console in a log file and a hard deadline
+(:func:`run`); :func:`boot` adds a disk and user networking that reaches nothing but one
+forwarded port on host loopback (tests/vm/hostroot.py adds the host's root file system instead).
 
 KVM is used only where it really works: on the build machines /dev/kvm is kvm_pvm, which hangs
 a stock kernel, so TCG is the normal mode (about 14 s to an unlocked root; see
@@ -63,19 +64,26 @@ class Typist:
 
 def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int, log: Path,
          timeout: float, done_marker: str, typist: Typist | None = None) -> Boot:
-    """Boot until qemu exits, or ``timeout`` passes, or the guest printed ``done_marker`` and
-    did not power off soon after (qemu is killed then); the guest's
-    ``GUEST_SERVER`` reaches 127.0.0.1:``host_port``.  Without a ``typist``, stdin is
-    /dev/null, so nobody can type the passphrase at systemd's console prompt."""
-    accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else ["-accel", "tcg", "-cpu", "max"]
+    """Boot from ``disk`` (a snapshot: the image stays unchanged) with user networking whose
+    ``GUEST_SERVER`` reaches 127.0.0.1:``host_port`` and nothing else; see :func:`run`."""
     address, port = GUEST_SERVER
     forward = f"guestfwd=tcp:{address}:{port}-cmd:socat - TCP:127.0.0.1:{host_port}"
+    devices = ["-drive", f"file={disk},format=raw,if=virtio,snapshot=on",
+               "-netdev", f"user,id=n0,restrict=on,{forward}",
+               "-device", "virtio-net-pci,netdev=n0"]
+    return run(kernel=kernel, initrd=initrd, append=append, devices=devices, log=log,
+               timeout=timeout, done_marker=done_marker, typist=typist)
+
+
+def run(*, kernel: Path, initrd: Path, append: str, devices: list[str], log: Path,
+        timeout: float, done_marker: str, typist: Typist | None = None) -> Boot:
+    """Boot a VM with ``devices`` (qemu options) until qemu exits, or ``timeout`` passes, or the
+    guest printed ``done_marker`` and did not power off soon after (qemu is killed then).
+    Without a ``typist``, stdin is /dev/null, so nobody can type at a console prompt."""
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else ["-accel", "tcg", "-cpu", "max"]
     argv = [QEMU, *accel, "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", append,
-            "-drive", f"file={disk},format=raw,if=virtio,snapshot=on",
-            "-netdev", f"user,id=n0,restrict=on,{forward}",
-            "-device", "virtio-net-pci,netdev=n0"]
+            "-append", append, *devices]
     result = Boot(log)
     start = time.monotonic()
     with open(log, "wb") as output:

@@ -1,0 +1,323 @@
+"""The checks that tests/vm/test_server_units.py runs inside its VM, where systemd is PID 1 and
+runs our units/mandos.socket and units/mandos.service as shipped.
+
+Run as root by ``mandos-vmtest.service`` (after ``mandos.socket``) with the path of a JSON
+settings file.  It prints one line per check on the console, ``VMTEST <check> ok: <detail>``
+or ``VMTEST <check> FAIL: <detail>``, in the order of :data:`CHECKS`, then ``VMTEST done``;
+the test asserts on those lines.  The first request goes to the socket, so it is systemd that
+starts the server.  Standard library only (it runs on the host's /usr/bin/python3 through 9p).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CHECKS = (
+    "sysusers",             # systemd-sysusers made _mandos from our sysusers file
+    "client-password",      # upstream's mandos-client got the password via the socket
+    "service-running",      # active/running, our STATUS= line, no restart; the socket running
+    "main-process",         # runs as _mandos, only CAP_NET_RAW, no_new_privs, seccomp
+    "bus-name",             # se.recompile.Mandos is owned by the main process, as _mandos
+    "bus-policy",           # another user may neither own nor call it
+    "journal-secret-sent",  # the secret-sent entry with our structured fields
+    "checker-succeeded",    # the default checker (fping) succeeded inside the sandbox
+    "ctl-ours",             # our mandos-ctl lists the client over the system bus
+    "ctl-upstream",         # upstream's mandos-ctl too
+    "reload",               # systemctl reload (ExecReload=, SIGHUP) re-reads clients.conf
+    "watchdog",             # WATCHDOG=1 reaches systemd (WatchdogSec=)
+    "stop-clean",           # systemctl stop: Result=success
+    "state-file",           # /var/lib/mandos/clients.json: 0600, owned by _mandos
+    "no-sandbox-denials",   # nothing the service logged looks like a sandbox denial
+)
+DONE = "VMTEST done"
+UNIT = "mandos.service"
+USER = "_mandos"
+BUS_NAME = "se.recompile.Mandos"
+#: The one capability the service keeps, for fping (units/mandos.service says why).
+CAP_NET_RAW = 1 << 13
+#: What a sandbox denial looks like in a log line (EPERM from the seccomp filter or a missing
+#: capability, EACCES, a read-only file system, SIGSYS).
+DENIAL = re.compile(r"Operation not permitted|Permission denied|Bad system call|SIGSYS|"
+                    r"status=31|Read-only file system|EPERM|EACCES|EROFS|Traceback|core dump",
+                    re.IGNORECASE)
+
+
+class CheckFailed(Exception):
+    """A check did not hold; the message says what was seen."""
+
+
+def run(argv: list[str], *, timeout: float = 30.0,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False, env=env)
+
+
+def show(unit: str, *properties: str) -> dict[str, str]:
+    output = run(["systemctl", "show", unit, *(f"--property={name}" for name in properties)])
+    return dict(line.partition("=")[::2] for line in output.stdout.splitlines())
+
+
+def journal(*matches: str) -> list[dict[str, Any]]:
+    output = run(["journalctl", "--no-pager", "-o", "json", *matches]).stdout
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def poll(condition: Callable[[], Any], timeout: float) -> Any:
+    """The first true value of ``condition()`` within ``timeout`` seconds, else the last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def show_until(unit: str, properties: tuple[str, ...],
+               predicate: Callable[[dict[str, str]], bool], timeout: float) -> dict[str, str]:
+    """The unit's ``properties`` once ``predicate`` holds for them, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = show(unit, *properties)
+        if predicate(state) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+class Checks:
+    """One method per check, ``check_<name>``, returning what it saw; they run in the order of
+    :data:`CHECKS` and the later ones use what the earlier found (the main PID)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.client: str = settings["client"]
+        self.environment = {**os.environ, "PYTHONPATH": settings["pythonpath"]}
+        self.main_pid = 0
+        self.watchdog_stamp = ""
+
+    def user(self) -> pwd.struct_passwd:
+        return pwd.getpwnam(USER)
+
+    def check_sysusers(self) -> str:
+        user = self.user()
+        return f"{USER} is {user.pw_uid}:{user.pw_gid} ({user.pw_gecos}, {user.pw_dir})"
+
+    def check_client_password(self) -> str:
+        keys = Path(self.settings["keydir"])
+        hooks = Path(tempfile.mkdtemp(prefix="hooks-"))
+        try:
+            result = run([self.settings["mandos_client"], f"--connect={self.settings['connect']}",
+                          "--interface=none", f"--network-hook-dir={hooks}",
+                          f"--pubkey={keys / 'pubkey.txt'}", f"--seckey={keys / 'seckey.txt'}",
+                          f"--tls-pubkey={keys / 'tls-pubkey.pem'}",
+                          f"--tls-privkey={keys / 'tls-privkey.pem'}"], timeout=60)
+        finally:
+            shutil.rmtree(hooks, ignore_errors=True)
+        expected = Path(self.settings["password_file"]).read_text()
+        require(result.returncode == 0 and result.stdout == expected,
+                f"mandos-client exited {result.returncode}, "
+                f"{'right' if result.stdout == expected else 'wrong'} password; "
+                f"stderr: {result.stderr[-500:]!r}")
+        return f"{len(expected)}-byte password matches"
+
+    def check_service_running(self) -> str:
+        wanted = f"last secret sent to {self.client}"
+        properties = ("ActiveState", "SubState", "MainPID", "StatusText", "NRestarts", "Result",
+                      "WatchdogTimestampMonotonic")
+        state = show_until(UNIT, properties, lambda s: wanted in s.get("StatusText", ""), 15)
+        socket = show("mandos.socket", "ActiveState", "SubState")
+        require(state.get("ActiveState") == "active" and state.get("SubState") == "running"
+                and state.get("NRestarts") == "0" and state.get("Result") == "success"
+                and wanted in state.get("StatusText", ""), f"{UNIT}: {state}")
+        require(socket == {"ActiveState": "active", "SubState": "running"},
+                f"mandos.socket: {socket}")
+        self.main_pid = int(state["MainPID"])
+        self.watchdog_stamp = state["WatchdogTimestampMonotonic"]
+        return f"StatusText={state['StatusText']}; MainPID={self.main_pid}"
+
+    def check_main_process(self) -> str:
+        require(self.main_pid > 0, "no main process")
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{self.main_pid}/status").read_text().splitlines())
+        fields = {name: status[name].split() for name in ("Uid", "Gid", "CapEff", "CapPrm",
+                                                         "CapBnd", "NoNewPrivs", "Seccomp")}
+        user = self.user()
+        require(fields["Uid"] == [str(user.pw_uid)] * 4 and fields["Gid"] == [str(user.pw_gid)] * 4,
+                f"runs as {fields['Uid']}:{fields['Gid']}, not {USER}")
+        require(all(int(fields[name][0], 16) & ~CAP_NET_RAW == 0
+                    for name in ("CapEff", "CapPrm", "CapBnd")),
+                f"has capabilities beyond CAP_NET_RAW: {fields}")
+        require(fields["NoNewPrivs"] == ["1"] and fields["Seccomp"] == ["2"],
+                f"not confined: {fields}")
+        command = Path(f"/proc/{self.main_pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        return (f"{USER}, capabilities {fields['CapEff'][0]} (bounding {fields['CapBnd'][0]}), "
+                f"no_new_privs, seccomp filter: {command.decode()}")
+
+    def bus_call(self, method: str) -> str:
+        result = run(["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
+                      "/org/freedesktop/DBus", f"org.freedesktop.DBus.{method}",
+                      f"string:{BUS_NAME}"])
+        match = re.search(r"uint32 (\d+)", result.stdout)
+        require(match is not None, f"{method}: {result.stdout}{result.stderr}")
+        assert match is not None
+        return match.group(1)
+
+    def check_bus_name(self) -> str:
+        uid = self.bus_call("GetConnectionUnixUser")
+        pid = self.bus_call("GetConnectionUnixProcessID")
+        require(uid == str(self.user().pw_uid) and pid == str(self.main_pid),
+                f"{BUS_NAME} is owned by uid {uid}, pid {pid}")
+        return f"owned by pid {pid}, uid {uid}"
+
+    def check_bus_policy(self) -> str:
+        calls = ((BUS_NAME, "/", "org.freedesktop.DBus.Peer.Ping"),
+                 ("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                  "org.freedesktop.DBus.RequestName", f"string:{BUS_NAME}", "uint32:0"))
+        for destination, path, method, *arguments in calls:
+            result = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "dbus-send", "--system", "--print-reply", f"--dest={destination}",
+                          path, method, *arguments])
+            require(result.returncode != 0 and "AccessDenied" in result.stderr,
+                    f"nobody's {method}: exit {result.returncode}: "
+                    f"{result.stdout}{result.stderr}")
+        return "nobody is denied Ping and RequestName"
+
+    def check_journal_secret_sent(self) -> str:
+        entries = poll(lambda: journal("MANDOS_EVENT=secret-sent"), 10)
+        key_id = self.settings["key_id"].upper()
+        wanted = [entry for entry in entries
+                  if entry.get("MANDOS_CLIENT") == self.client
+                  and str(entry.get("MANDOS_KEY_ID", "")).upper() == key_id
+                  and entry.get("MESSAGE_ID") == self.settings["secret_sent_id"]
+                  and entry.get("_SYSTEMD_UNIT") == UNIT
+                  and entry.get("_UID") == str(self.user().pw_uid)]
+        require(len(wanted) == 1, f"secret-sent entries: {entries}")
+        entry = wanted[0]
+        return (f"MESSAGE={entry.get('MESSAGE')!r} MANDOS_PEER={entry.get('MANDOS_PEER')} "
+                f"MESSAGE_ID={entry['MESSAGE_ID']}")
+
+    def check_checker_succeeded(self) -> str:
+        succeeded = poll(lambda: journal("MANDOS_EVENT=checker-succeeded",
+                                         f"MANDOS_CLIENT={self.client}"), 30)
+        failed = [entry.get("MESSAGE") for entry in
+                  journal("MANDOS_EVENT=checker-failed", f"MANDOS_CLIENT={self.client}")]
+        require(bool(succeeded) and not failed,
+                f"succeeded {len(succeeded)} times; failures: {failed}")
+        return f"{succeeded[0].get('MESSAGE')!r} ({succeeded[0].get('MANDOS_COMMAND')})"
+
+    def listing(self, argv: list[str]) -> str:
+        result = run(argv, env=self.environment)
+        lines = result.stdout.splitlines()
+        require(result.returncode == 0 and len(lines) == 2
+                and lines[1].split()[:2] == [self.client, "Yes"],
+                f"{' '.join(argv)} exited {result.returncode}: {result.stdout}{result.stderr}")
+        return " | ".join(" ".join(line.split()) for line in lines)
+
+    def check_ctl_ours(self) -> str:
+        return self.listing(["/usr/bin/python3", "-m", "server.ctl"])
+
+    def check_ctl_upstream(self) -> str:
+        return self.listing(["/usr/sbin/mandos-ctl"])
+
+    def check_reload(self) -> str:
+        def reloaded() -> list[dict[str, Any]]:
+            return [entry for entry in journal("MANDOS_EVENT=config-loaded", f"--unit={UNIT}")
+                    if str(entry.get("MESSAGE")).startswith("Reloaded ")]
+
+        result = run(["systemctl", "reload", UNIT])
+        entries = poll(reloaded, 10)
+        state = show(UNIT, "ActiveState", "SubState", "MainPID")
+        require(result.returncode == 0 and len(entries) == 1 and state == {
+            "ActiveState": "active", "SubState": "running", "MainPID": str(self.main_pid)},
+            f"systemctl reload exited {result.returncode} ({result.stderr.strip()}); "
+            f"{len(entries)} reloads logged; {state}")
+        return str(entries[0].get("MESSAGE"))
+
+    def check_watchdog(self) -> str:
+        """A WATCHDOG=1 after the one systemd noted at start-up (the server pings every
+        WatchdogSec/2, 15 s)."""
+        properties = ("WatchdogUSec", "WatchdogTimestampMonotonic")
+
+        def pinged(state: dict[str, str]) -> bool:
+            return state.get("WatchdogTimestampMonotonic") not in ("", "0", self.watchdog_stamp)
+
+        state = show_until(UNIT, properties, pinged, 25)
+        require(state.get("WatchdogUSec") == "30s" and pinged(state),
+                f"no watchdog ping since {self.watchdog_stamp}: {state}")
+        since = (int(state["WatchdogTimestampMonotonic"]) - int(self.watchdog_stamp)) / 1e6
+        return f"WatchdogUSec={state['WatchdogUSec']}; a ping {since:.1f} s after the first seen"
+
+    def check_stop_clean(self) -> str:
+        result = run(["systemctl", "stop", UNIT])
+        state = show(UNIT, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        require(result.returncode == 0 and state == {
+            "ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0",
+            "NRestarts": "0"}, f"systemctl stop exited {result.returncode}: {state}")
+        return ", ".join(f"{key}={value}" for key, value in state.items())
+
+    def check_state_file(self) -> str:
+        user = self.user()
+        directory = Path("/var/lib/mandos")
+        state = directory / "clients.json"
+        found = []
+        for path, mode in ((directory, 0o700), (state, 0o600)):
+            info = path.stat()
+            found.append(f"{path} {stat.S_IMODE(info.st_mode):04o} {info.st_uid}:{info.st_gid}")
+            require(stat.S_IMODE(info.st_mode) == mode and info.st_uid == user.pw_uid,
+                    f"{found[-1]}, wanted {mode:04o} owned by {USER} ({user.pw_uid})")
+        require(self.client in state.read_text(), f"{state} does not name {self.client}")
+        return "; ".join(found)
+
+    def check_no_sandbox_denials(self) -> str:
+        entries = journal(f"--unit={UNIT}")
+        warnings = [str(entry.get("MESSAGE")) for entry in entries
+                    if int(entry.get("PRIORITY", 6)) <= 4]
+        kernel = [str(entry.get("MESSAGE")) for entry in journal("--dmesg")
+                  if re.search(r"audit.*(type=1326|seccomp)|apparmor=\"DENIED\"",
+                               str(entry.get("MESSAGE")))]
+        # Everything the unit logged: a traceback on stderr is not a warning.
+        denials = [str(entry.get("MESSAGE")) for entry in entries
+                   if DENIAL.search(str(entry.get("MESSAGE")))] + kernel
+        require(not denials, f"denials: {denials}")
+        return f"{len(warnings)} warnings, none a denial: {warnings[:5]}"
+
+
+def main() -> int:
+    settings = json.loads(Path(sys.argv[1]).read_text())
+    checks = Checks(settings)
+    failures = 0
+    with open("/dev/console", "w") as console:
+        for name in CHECKS:
+            try:
+                line = f"VMTEST {name} ok: {getattr(checks, 'check_' + name.replace('-', '_'))()}"
+            except Exception as error:  # one check's trouble is reported, the rest still run
+                failures += 1
+                line = f"VMTEST {name} FAIL: {type(error).__name__}: {error}"
+            line = " ".join(line.split())[:3000]
+            print(line, file=console, flush=True)
+            print(line, flush=True)
+        if failures:  # what the server said, for the test's failure message
+            for entry in journal(f"--unit={UNIT}", "--lines=30"):
+                print(f"VMTEST journal: {entry.get('MESSAGE')}", file=console, flush=True)
+        print(DONE, file=console, flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
