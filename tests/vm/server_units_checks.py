@@ -1,11 +1,14 @@
 """The checks that tests/vm/test_server_units.py runs inside its VM, where systemd is PID 1 and
-runs our units/mandos.socket and units/mandos.service as shipped.
+runs our units/mandos.socket and units/mandos.service as shipped, and the booted system's
+password agent units, units/mandos-password-agent.path and .service.
 
 Run as root by ``mandos-vmtest.service`` (after ``mandos.socket``) with the path of a JSON
 settings file.  It prints one line per check on the console, ``VMTEST <check> ok: <detail>``
 or ``VMTEST <check> FAIL: <detail>``, in the order of :data:`CHECKS`, then ``VMTEST done``;
 the test asserts on those lines.  The first request goes to the socket, so it is systemd that
-starts the server.  Standard library only (it runs on the host's /usr/bin/python3 through 9p).
+starts the server.  The agent's checks ask with the real ``systemd-ask-password``, so it is the
+``.path`` unit that starts the agent, which asks that server.  Standard library only (it runs
+on the host's /usr/bin/python3 through 9p).
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ CHECKS = (
     "checker-succeeded",    # the default checker (fping) succeeded inside the sandbox
     "ctl-ours",             # our mandos-ctl lists the client over the system bus
     "ctl-upstream",         # upstream's mandos-ctl too
+    "agent-ordering",       # the agent's start waits for nothing that waits for local-fs.target
+    "agent-password",       # systemd-ask-password got the password from our agent (.path unit)
+    "agent-exited",         # the agent exited, Result=success, once nothing was pending
+    "agent-journal",        # the agent logged its answer, and no sandbox denial
+    "agent-run-directory",  # /run/mandos-password-agent holds only `answered`; no gpg-agent left
+    "agent-secret-sent",    # the server's secret-sent entry for the agent's fetch
+    "agent-not-twice",      # a second request with the same Id is left to the human
     "reload",               # systemctl reload (ExecReload=, SIGHUP) re-reads clients.conf
     "watchdog",             # WATCHDOG=1 reaches systemd (WatchdogSec=)
     "stop-clean",           # systemctl stop: Result=success
@@ -45,6 +55,12 @@ DONE = "VMTEST done"
 UNIT = "mandos.service"
 USER = "_mandos"
 BUS_NAME = "se.recompile.Mandos"
+AGENT_UNIT = "mandos-password-agent.service"
+AGENT_PATH_UNIT = "mandos-password-agent.path"
+#: The request the agent answers: a disk unlock, as systemd-cryptsetup asks.
+ASK_ID = "cryptsetup:vmtest"
+#: The agent unit's RuntimeDirectory=.
+AGENT_RUN_DIRECTORY = Path("/run/mandos-password-agent")
 #: The one capability the service keeps, for fping (units/mandos.service says why).
 CAP_NET_RAW = 1 << 13
 #: What a sandbox denial looks like in a log line (EPERM from the seccomp filter or a missing
@@ -110,6 +126,8 @@ class Checks:
         self.environment = {**os.environ, "PYTHONPATH": settings["pythonpath"]}
         self.main_pid = 0
         self.watchdog_stamp = ""
+        #: When the agent's request was made (CLOCK_REALTIME µs, as the journal's timestamps).
+        self.asked_at = 0
 
     def user(self) -> pwd.struct_passwd:
         return pwd.getpwnam(USER)
@@ -235,6 +253,134 @@ class Checks:
     def check_ctl_upstream(self) -> str:
         return self.listing(["/usr/sbin/mandos-ctl"])
 
+    def ask(self, timeout: int) -> subprocess.CompletedProcess[str]:
+        """A disk-unlock request through the agent directory, as systemd-cryptsetup makes it
+        (``--no-tty``: never the terminal; stdin is not one anyway)."""
+        return run(["systemd-ask-password", "--no-tty", f"--id={ASK_ID}",
+                    f"--timeout={timeout}", "Passphrase:"], timeout=timeout + 10)
+
+    def agent_state(self) -> dict[str, str]:
+        """The agent service's state once it is no longer running (or after 20 s)."""
+        return show_until(AGENT_UNIT, ("ActiveState", "SubState", "Result", "ExecMainCode",
+                                       "ExecMainStatus"),
+                          lambda s: s.get("ActiveState") in ("inactive", "failed"), 20)
+
+    def check_agent_ordering(self) -> str:
+        """What systemd makes of the unit, implicit dependencies included: a volume that
+        local-fs.target waits for is unlocked at boot, so the agent must be able to start
+        before it (PrivateTmp= once made it wait for systemd-tmpfiles-setup.service)."""
+        result = run(["systemctl", "list-dependencies", "--after", "--all", "--plain",
+                      "--no-pager", AGENT_UNIT])
+        closure = {line.split()[-1] for line in result.stdout.splitlines()[1:] if line.strip()}
+        blocking = sorted(closure & {"local-fs.target", "systemd-tmpfiles-setup.service",
+                                     "sysinit.target", "basic.target"})
+        require(result.returncode == 0 and bool(closure) and not blocking,
+                f"{AGENT_UNIT} starts after {blocking or result.stderr.strip()}")
+        after = show(AGENT_UNIT, "After")["After"]
+        return f"After={after}; {len(closure)} units before it, none waits for local-fs.target"
+
+    def check_agent_password(self) -> str:
+        path_unit = show(AGENT_PATH_UNIT, "ActiveState", "SubState", "WantedBy")
+        require(path_unit.get("ActiveState") == "active" and path_unit.get("SubState")
+                == "waiting" and "sysinit.target" in path_unit.get("WantedBy", "").split(),
+                f"{AGENT_PATH_UNIT} before the request: {path_unit}")
+        before = show(AGENT_UNIT, "ActiveState", "ExecMainStartTimestampMonotonic")
+        require(before == {"ActiveState": "inactive", "ExecMainStartTimestampMonotonic": "0"},
+                f"{AGENT_UNIT} before the request: {before}")
+        self.asked_at = time.time_ns() // 1000
+        start = time.monotonic()
+        result = self.ask(60)
+        seconds = time.monotonic() - start
+        expected = Path(self.settings["password_file"]).read_text() + "\n"
+        started = show(AGENT_UNIT, "ExecMainStartTimestampMonotonic")
+        require(result.returncode == 0 and result.stdout == expected,
+                f"systemd-ask-password exited {result.returncode} after {seconds:.1f} s, "
+                f"{'right' if result.stdout == expected else 'wrong'} password; "
+                f"stderr: {result.stderr[-500:]!r}")
+        require(started.get("ExecMainStartTimestampMonotonic", "0") != "0",
+                f"{AGENT_UNIT} never started: {started}")
+        return (f"{len(expected) - 1}-byte password matches, answered in {seconds:.1f} s; "
+                f"{AGENT_PATH_UNIT} was active/waiting, WantedBy={path_unit['WantedBy']}")
+
+    def check_agent_exited(self) -> str:
+        state = self.agent_state()
+        path_unit = show_until(AGENT_PATH_UNIT, ("ActiveState", "SubState"),
+                               lambda s: s.get("SubState") == "waiting", 5)
+        # Its own entries name each run: exactly one (no restart loop while the file was there).
+        runs = {entry.get("_SYSTEMD_INVOCATION_ID")
+                for entry in journal(f"_SYSTEMD_UNIT={AGENT_UNIT}")}
+        require(state == {"ActiveState": "inactive", "SubState": "dead", "Result": "success",
+                          "ExecMainCode": "1", "ExecMainStatus": "0"},
+                f"{AGENT_UNIT}: {state}")
+        require(path_unit == {"ActiveState": "active", "SubState": "waiting"},
+                f"{AGENT_PATH_UNIT} after the answer: {path_unit}")
+        require(len(runs) == 1, f"{AGENT_UNIT} ran {len(runs)} times")
+        return (", ".join(f"{key}={value}" for key, value in state.items())
+                + f"; {AGENT_PATH_UNIT} {path_unit['ActiveState']}/{path_unit['SubState']}")
+
+    def check_agent_journal(self) -> str:
+        entries = journal(f"--unit={AGENT_UNIT}")
+        messages = [str(entry.get("MESSAGE")) for entry in entries]
+        answered = [message for message in messages
+                    if re.search(rf"answered ask\.\S+ \(Id {re.escape(ASK_ID)}\)", message)]
+        denials = [message for message in messages if DENIAL.search(message)]
+        warnings = [str(entry.get("MESSAGE")) for entry in entries
+                    if int(entry.get("PRIORITY", 6)) <= 4]
+        require(len(answered) == 1 and not denials,
+                f"answers logged: {answered}; denials: {denials}; journal: {messages}")
+        return f"{answered[0]!r}; {len(warnings)} warnings, none a denial: {warnings[:5]}"
+
+    def check_agent_run_directory(self) -> str:
+        directory = AGENT_RUN_DIRECTORY
+        names = sorted(path.name for path in directory.iterdir())
+        answered = directory / "answered"
+        modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (directory, answered)
+                 if path.exists()}
+        password = Path(self.settings["password_file"]).read_text()
+        require(names == ["answered"] and modes == {directory: 0o700, answered: 0o600},
+                f"{directory}: {names}, modes {modes}")
+        require(password not in answered.read_text(), f"{answered} holds the password")
+        gpg_agents = [f"{process.name}: {(process / 'cmdline').read_bytes()!r}"
+                      for process in Path("/proc").iterdir() if process.name.isdigit()
+                      and _comm(process) == "gpg-agent"]
+        require(not gpg_agents, f"gpg-agent left running: {gpg_agents}")
+        return f"{directory} (0700) holds only answered (0600, no password); no gpg-agent"
+
+    def check_agent_secret_sent(self) -> str:
+        def sent() -> list[dict[str, Any]]:
+            return [entry for entry in journal("MANDOS_EVENT=secret-sent",
+                                               f"MANDOS_CLIENT={self.client}")
+                    if int(entry["__REALTIME_TIMESTAMP"]) >= self.asked_at]
+
+        entries = poll(sent, 10)
+        require(len(entries) == 1 and entries[0].get("_SYSTEMD_UNIT") == UNIT,
+                f"secret-sent entries since the request: {entries}")
+        entry = entries[0]
+        return f"MESSAGE={entry.get('MESSAGE')!r} MANDOS_PEER={entry.get('MANDOS_PEER')}"
+
+    def check_agent_not_twice(self) -> str:
+        since = time.time_ns() // 1000
+        start = time.monotonic()
+        result = self.ask(5)
+        seconds = time.monotonic() - start
+
+        def refused() -> list[str]:
+            return [str(entry.get("MESSAGE")) for entry in journal(f"_SYSTEMD_UNIT={AGENT_UNIT}")
+                    if int(entry["__REALTIME_TIMESTAMP"]) >= since
+                    and f"already sent for Id {ASK_ID}" in str(entry.get("MESSAGE"))]
+
+        messages = poll(refused, 5)
+        state = self.agent_state()
+        require(result.returncode != 0 and result.stdout == "" and seconds >= 4.5,
+                f"systemd-ask-password exited {result.returncode} after {seconds:.1f} s with "
+                f"{'a' if result.stdout else 'no'} password; stderr: {result.stderr[-300:]!r}")
+        require(len(messages) == 1, f"refusals logged: {messages}")
+        require(state.get("ActiveState") == "inactive" and state.get("Result") == "success",
+                f"{AGENT_UNIT} after the second request: {state}")
+        return (f"timed out after {seconds:.1f} s (exit {result.returncode}, "
+                f"{result.stderr.strip()!r}); {messages[0]!r}; the agent exited with "
+                f"Result={state['Result']}")
+
     def check_reload(self) -> str:
         def reloaded() -> list[dict[str, Any]]:
             return [entry for entry in journal("MANDOS_EVENT=config-loaded", f"--unit={UNIT}")
@@ -298,6 +444,14 @@ class Checks:
         return f"{len(warnings)} warnings, none a denial: {warnings[:5]}"
 
 
+def _comm(process: Path) -> str:
+    """A process's command name, or "" if it is gone."""
+    try:
+        return (process / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def main() -> int:
     settings = json.loads(Path(sys.argv[1]).read_text())
     checks = Checks(settings)
@@ -312,9 +466,11 @@ def main() -> int:
             line = " ".join(line.split())[:3000]
             print(line, file=console, flush=True)
             print(line, flush=True)
-        if failures:  # what the server said, for the test's failure message
-            for entry in journal(f"--unit={UNIT}", "--lines=30"):
-                print(f"VMTEST journal: {entry.get('MESSAGE')}", file=console, flush=True)
+        if failures:  # what the server and the agent said, for the test's failure message
+            for unit in (UNIT, AGENT_UNIT):
+                for entry in journal(f"--unit={unit}", "--lines=30"):
+                    print(f"VMTEST journal: {unit}: {entry.get('MESSAGE')}", file=console,
+                          flush=True)
         print(DONE, file=console, flush=True)
     return 1 if failures else 0
 

@@ -2,28 +2,41 @@
 units/mandos.service (Type=notify, the watchdog, User=_mandos, StateDirectory=, and the whole
 sandbox: ProtectSystem=strict, MemoryDenyWriteExecute=, SystemCallFilter=, the capability
 bounding set, RestrictAddressFamilies=, ...), units/mandos.sysusers.conf and the D-Bus policy
-units/se.recompile.Mandos.conf.  ``systemd-analyze verify`` and ``security`` cannot tell
-whether the server still works inside that sandbox; this test runs it there.  (It found that
-the default checker, fping, could never succeed: see CAP_NET_RAW in units/mandos.service.)
+units/se.recompile.Mandos.conf; and in the same boot the booted system's password agent,
+units/mandos-password-agent.path and .service.  ``systemd-analyze verify`` and ``security``
+cannot tell whether the server and the agent still work inside their sandboxes; this test
+runs them there.  (It found that the default checker, fping, could never succeed: see
+CAP_NET_RAW in units/mandos.service; and that PrivateTmp= made the agent wait for
+local-fs.target, so for the very volumes it is to unlock: see units/mandos-password-agent.service.)
 
 The VM (tests/vm/hostroot.py) boots the host's own root file system, read-only through 9p
 under a tmpfs overlay, so that the host's systemd, dbus-daemon, journald, Python, GnuTLS, gpg,
 fping and Debian's mandos-client run in it unchanged.  The payload adds the units where a
-package puts them, a ``/usr/bin/mandos-server`` that runs this tree's server on the test's
-virtualenv, a configuration with one client (the cached VM key set; ``host = localhost`` and
-the default checker, every 2 s), and ``mandos-vmtest.target``, the only target the VM starts
-(``systemd.unit=`` on the kernel command line).  Before systemd starts, it removes what would
-hide a fault of ours: the host's ``_mandos`` user (our sysusers file must make it), Debian's
-own D-Bus policy and sysusers file for Mandos, and the host's /var/lib/mandos.
+package puts them, a ``/usr/bin/mandos-server`` and a ``/usr/bin/mandos-password-agent`` that
+run this tree on the test's virtualenv, a configuration with one client (the cached VM key
+set, in /etc/keys/mandos where the agent's unit takes it; ``host = localhost`` and the default
+checker, every 2 s), a drop-in that points the agent at the server (``--connect``), and
+``mandos-vmtest.target``, the only target the VM starts (``systemd.unit=`` on the kernel
+command line).  Before systemd starts, it enables the agent's ``.path`` unit as its [Install]
+says (sysinit.target, reached through basic.target), and removes what would hide a fault of
+ours: the host's ``_mandos`` user (our sysusers file must make it), Debian's own D-Bus policy
+and sysusers file for Mandos, and the host's /var/lib/mandos.
 
 ``mandos-vmtest.service`` then runs tests/vm/server_units_checks.py, whose console lines this
 test asserts: upstream's mandos-client gets the password through the socket, which starts the
 service; the service is running with our STATUS= line, as _mandos with no capability but
 CAP_NET_RAW, under no_new_privs and a seccomp filter; it owns its D-Bus name, which nobody
 else may own or call; the journal holds our structured entries, and the checker succeeded;
-both mandos-ctl list the client; reload and the watchdog work; it stops cleanly and leaves
-its state file; nothing it logged looks like a sandbox denial.  The VM has no network device
-and powers off when the checks are done: about 40 s under TCG.
+both mandos-ctl list the client.  Then the agent: nothing it starts after waits for
+local-fs.target; the real ``systemd-ask-password --id=cryptsetup:vmtest`` gets the password
+from our agent, which the ``.path`` unit started (systemd's console agent prompts in
+parallel, with nobody to type); the agent exits with Result=success once nothing is pending,
+having logged its answer and no sandbox denial, leaving only its ``answered`` record in
+/run/mandos-password-agent and no gpg-agent; the server logged the secret sent; a second
+request with the same Id is left to the human and times out.  Then the server again: reload
+and the watchdog work; it stops cleanly and leaves its state file; nothing it logged looks
+like a sandbox denial.  The VM has no network device and powers off when the checks are
+done: about 45 s under TCG.
 """
 
 from __future__ import annotations
@@ -52,7 +65,8 @@ UNITS = images.REPO / "units"
 CLIENT = "vmtest"
 TIMEOUT = 150.0
 SETTINGS = "/etc/mandos-vmtest/settings.json"
-KEYS = "/etc/mandos-vmtest/keys"
+#: The client's key set, where the agent's unit takes it (its ConditionFileNotEmpty= paths).
+KEYS = "/etc/keys/mandos"
 SYSTEM = "/usr/lib/systemd/system"
 
 TARGET = """\
@@ -90,6 +104,9 @@ rm -f /usr/lib/sysusers.d/mandos-client.conf
 # Only our D-Bus policy may let _mandos own the name; StateDirectory= must make the directory.
 rm -f /etc/dbus-1/system.d/mandos.conf
 rm -rf /var/lib/mandos
+# The agent's .path unit, enabled as its [Install] says (sysinit.target, which the test target
+# reaches through basic.target).
+systemctl enable mandos-password-agent.path
 """
 
 
@@ -138,8 +155,13 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
     # As a package would make it readable by the server (systemd-tmpfiles runs after sysusers).
     payload.write("/etc/tmpfiles.d/mandos-vmtest.conf",
                   "z /etc/mandos/clients.conf 0640 root _mandos -\n")
-    for unit in ("mandos.socket", "mandos.service"):
+    for unit in ("mandos.socket", "mandos.service", "mandos-password-agent.path",
+                 "mandos-password-agent.service"):
         payload.copy(UNITS / unit, f"{SYSTEM}/{unit}")
+    # The agent asks our server, socket-activated in the same VM, as the unit's comment says.
+    payload.write("/etc/systemd/system/mandos-password-agent.service.d/vmtest.conf",
+                  "[Service]\nEnvironment=MANDOS_PASSWORD_AGENT_OPTIONS="
+                  f"--connect={socket_address()}\n")
     payload.copy(UNITS / "mandos.sysusers.conf", "/usr/lib/sysusers.d/mandos.conf")
     payload.copy(UNITS / "se.recompile.Mandos.conf",
                  "/usr/share/dbus-1/system.d/se.recompile.Mandos.conf")
@@ -149,11 +171,16 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
                   "#!/bin/sh\n# This tree's server on the test's virtualenv, as pip installs it.\n"
                   f"PYTHONPATH={shlex.quote(pythonpath)} exec /usr/bin/python3 -m server \"$@\"\n",
                   0o755)
+    payload.write("/usr/bin/mandos-password-agent",
+                  "#!/bin/sh\n# This tree's agent on the test's virtualenv, as pip installs it.\n"
+                  f"PYTHONPATH={shlex.quote(pythonpath)} exec /usr/bin/python3 -m password_agent "
+                  "\"$@\"\n", 0o755)
     payload.write("/etc/systemd/journald.conf.d/vmtest.conf", "[Journal]\nStorage=volatile\n")
     payload.write("/etc/systemd/system/mandos-vmtest.target", TARGET)
     payload.write("/etc/systemd/system/mandos-vmtest.service", SERVICE)
     payload.copy(Path(server_units_checks.__file__), "/etc/mandos-vmtest/checks.py")
     payload.write("/etc/mandos-vmtest/password", password, 0o600)
+    # As mandos-keygen writes them: the secret keys 0600 (the cached set is our keygen's).
     for key in keydir.iterdir():
         payload.copy(key, f"{KEYS}/{key.name}", stat.S_IMODE(key.stat().st_mode))
     payload.write(SETTINGS, json.dumps({
