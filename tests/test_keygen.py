@@ -32,6 +32,7 @@ from password_agent.keygen_files import backup_name
 from password_agent.keygen_openpgp import armor_body
 from password_agent.keygen_tls import key_id_of_pem
 from tests.conftest import UpstreamClient
+from tests.peers.agent import processes_mentioning
 from tests.peers.upstream import (
     MANDOS_KEYGEN,
     KeySet,
@@ -67,13 +68,7 @@ def keygen(args: Sequence[str], *, stdin: bytes | None = None,
 def assert_nothing_left(tmpdir: Path) -> None:
     """No GNUPGHOME in ``tmpdir`` and no gpg-agent serving one."""
     assert not any(tmpdir.glob("mandos-keygen-*"))
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            assert str(tmpdir).encode() not in cmdline, cmdline
+    assert processes_mentioning(str(tmpdir)) == []
 
 
 def write_private(directory: Path, name: str, data: bytes) -> Path:
