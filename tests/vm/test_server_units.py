@@ -176,6 +176,9 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
                   f"PYTHONPATH={shlex.quote(pythonpath)} exec /usr/bin/python3 -m password_agent "
                   "\"$@\"\n", 0o755)
     payload.write("/etc/systemd/journald.conf.d/vmtest.conf", "[Journal]\nStorage=volatile\n")
+    # /tmp stays the overlay's view of the host's: this tree and its virtualenv may lie there
+    # (a clone in /tmp), so systemd-tmpfiles must not empty it at boot (Debian's tmp.conf: D).
+    payload.write("/etc/tmpfiles.d/tmp.conf", "d /tmp 1777 root root -\n")
     payload.write("/etc/systemd/system/mandos-vmtest.target", TARGET)
     payload.write("/etc/systemd/system/mandos-vmtest.service", SERVICE)
     payload.copy(Path(server_units_checks.__file__), "/etc/mandos-vmtest/checks.py")
