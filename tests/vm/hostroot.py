@@ -28,6 +28,8 @@ from pathlib import Path
 from tests.vm import images, qemu
 
 INIT = images.HERE / "hostroot-init"
+#: Where :meth:`Payload.expose` shows host directories in the guest (hostroot-init knows it).
+EXPOSED = "/opt/vmtest"
 #: What the initramfs loads (with their dependencies): the PCI transport of the 9p device,
 #: 9p itself, and overlayfs.
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
@@ -125,6 +127,14 @@ class Payload:
     def prepare(self, script: str) -> None:
         """Shell commands (``sh -e``) run in the new root before systemd starts."""
         (self.directory / "prepare").write_text(script)
+
+    def expose(self, paths: list[str]) -> list[str]:
+        """Make each of the host's ``paths`` (directories) visible under :data:`EXPOSED` too,
+        a bind mount of the new root's view (after ``prepare``): a service with
+        ``PrivateTmp=`` does not see the host's /tmp, where a clone of this tree and its
+        virtualenv may lie.  Returns the paths as the guest then reaches them."""
+        (self.directory / "expose").write_text("".join(f"{path}\n" for path in paths))
+        return [f"{EXPOSED}{path}" for path in paths]
 
 
 def new_payload(directory: Path) -> Payload:

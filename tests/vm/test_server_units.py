@@ -165,8 +165,8 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
     payload.copy(UNITS / "mandos.sysusers.conf", "/usr/lib/sysusers.d/mandos.conf")
     payload.copy(UNITS / "se.recompile.Mandos.conf",
                  "/usr/share/dbus-1/system.d/se.recompile.Mandos.conf")
-    search_path = images.python_search_path()
-    pythonpath = ":".join(search_path)
+    search_path = list(dict.fromkeys(images.python_search_path()))
+    pythonpath = ":".join(payload.expose(search_path))
     payload.write("/usr/bin/mandos-server",
                   "#!/bin/sh\n# This tree's server on the test's virtualenv, as pip installs it.\n"
                   f"PYTHONPATH={shlex.quote(pythonpath)} exec /usr/bin/python3 -m server \"$@\"\n",
@@ -177,7 +177,8 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
                   "\"$@\"\n", 0o755)
     payload.write("/etc/systemd/journald.conf.d/vmtest.conf", "[Journal]\nStorage=volatile\n")
     # /tmp stays the overlay's view of the host's: this tree and its virtualenv may lie there
-    # (a clone in /tmp), so systemd-tmpfiles must not empty it at boot (Debian's tmp.conf: D).
+    # (a clone in /tmp; exposed below), so systemd-tmpfiles must not empty it at boot
+    # (Debian's tmp.conf: D).
     payload.write("/etc/tmpfiles.d/tmp.conf", "d /tmp 1777 root root -\n")
     payload.write("/etc/systemd/system/mandos-vmtest.target", TARGET)
     payload.write("/etc/systemd/system/mandos-vmtest.service", SERVICE)
