@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentHarness, AgentRun, processes_mentioning
+from tests.peers.agent import AgentHarness, AgentRun, processes_left, processes_mentioning
 from tests.peers.ask import AskNamespace, AskPassword, FakeRequester
 from tests.peers.ours import OurServer, clients_conf
 
@@ -159,7 +159,7 @@ def test_watch_is_warm_when_ready_answers_requests_in_turn_and_cleans_up_on_sigt
     agent.process.send_signal(signal.SIGTERM)
     assert agent.wait(10) == 0, agent.log()  # and no process mentions the run directory
     assert _homes(agents) == []
-    assert processes_mentioning(str(homes[0])) == []
+    assert processes_left(str(homes[0])) == []
     assert notify.received("STOPPING=1")
     assert "terminated" in agent.log()
 
@@ -231,7 +231,7 @@ def test_a_home_left_by_a_killed_agent_is_removed_but_never_a_live_agents(
         [second_home] = _homes(agents)
         assert second_home != live and not live.exists()
         assert "left by an agent that was killed" in second.log()
-        assert processes_mentioning(str(live)) == []  # its gpg-agent was stopped too
+        assert processes_left(str(live)) == []  # its gpg-agent was stopped too
 
         third = agents.start("--watch", connect=["127.0.0.1:9"],
                              agent_directory=tmp_path / "third", wrap=third_notify.wrap())
@@ -240,7 +240,7 @@ def test_a_home_left_by_a_killed_agent_is_removed_but_never_a_live_agents(
         for agent in (second, third):
             agent.process.send_signal(signal.SIGTERM)
         assert [agent.process.wait(10) for agent in (second, third)] == [0, 0]
-        assert processes_mentioning(str(agents.run_directory)) == []
+        assert processes_left(str(agents.run_directory)) == []
     finally:
         second_notify.close()
         third_notify.close()

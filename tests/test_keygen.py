@@ -32,7 +32,7 @@ from password_agent.keygen_files import backup_name
 from password_agent.keygen_openpgp import armor_body
 from password_agent.keygen_tls import key_id_of_pem
 from tests.conftest import UpstreamClient
-from tests.peers.agent import processes_mentioning
+from tests.peers.agent import processes_left
 from tests.peers.upstream import (
     MANDOS_KEYGEN,
     KeySet,
@@ -68,7 +68,7 @@ def keygen(args: Sequence[str], *, stdin: bytes | None = None,
 def assert_nothing_left(tmpdir: Path) -> None:
     """No GNUPGHOME in ``tmpdir`` and no gpg-agent serving one."""
     assert not any(tmpdir.glob("mandos-keygen-*"))
-    assert processes_mentioning(str(tmpdir)) == []
+    assert processes_left(str(tmpdir)) == []
 
 
 def write_private(directory: Path, name: str, data: bytes) -> Path:

@@ -54,7 +54,7 @@ class AgentRun:
             raise AssertionError(f"agent still running after {timeout} s:\n{self.log()}"
                                  ) from None
         if self.run_directory is not None:
-            left = processes_mentioning(str(self.run_directory))
+            left = processes_left(str(self.run_directory))
             assert left == [], f"left running: {left}"
         return status
 
@@ -121,3 +121,13 @@ class AgentHarness:
             answered = self.run_directory / "answered"
             if answered.exists():
                 assert self.password not in answered.read_bytes()
+
+
+def processes_left(text: str, grace: float = 5.0) -> list[str]:
+    """:func:`processes_mentioning` ``text``, once they had ``grace`` seconds to exit: a
+    gpg-agent told to stop by ``gpgconf --kill`` exits a moment after gpgconf returns."""
+    deadline = time.monotonic() + grace
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
