@@ -44,7 +44,7 @@ from password_agent.servers import Interfaces, Server, find_servers, wait_for_in
 from password_agent.watch import RequestWatcher
 
 if TYPE_CHECKING:
-    from password_agent.notify import Notifier
+    from mandos_protocol.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Agent:
         process exit status."""
         notifier: Notifier | None = None
         if self.config.watch:
-            from password_agent.notify import Notifier  # sdnotify: only when resident
+            from mandos_protocol.notify import Notifier  # sdnotify: only when resident
 
             notifier = Notifier()
         try:

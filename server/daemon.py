@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Priority
+from mandos_protocol.notify import Notifier
 from server import systemd
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
@@ -41,7 +42,7 @@ class Daemon:
     def __init__(self, settings: ServerSettings, journal: Journal) -> None:
         self.settings = settings
         self.journal = journal
-        self.notifier = systemd.Notifier()
+        self.notifier = Notifier()
         self.statefile = StateFile(settings.statedir, self._state_warning)
         self.clients = ClientTable()
         self.configs: dict[str, ClientConfig] = {}

@@ -25,10 +25,10 @@ import sysconfig
 import tempfile
 
 #: What the agent imports to run; ``python3 -m password_agent`` runs MAIN_MODULE, which is
-#: found but not executed here.  ``password_agent.notify`` (with sdnotify) is imported only
+#: found but not executed here.  ``mandos_protocol.notify`` (with sdnotify) is imported only
 #: with ``--watch``, as the initramfs runs it.  BROWSE_MODULE (Zeroconf) is imported only when
 #: wanted.
-ENTRY_MODULES = ("password_agent.cli", "password_agent.agent", "password_agent.notify")
+ENTRY_MODULES = ("password_agent.cli", "password_agent.agent", "mandos_protocol.notify")
 MAIN_MODULE = "password_agent.__main__"
 BROWSE_MODULE = "password_agent.browse"
 #: Never ship these, even if the tracing run imported them: the agent has no use for them
