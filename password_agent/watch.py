@@ -9,12 +9,20 @@ answered, stay *present* until their file goes away; the agent keeps running whi
 present, because its ``.path`` unit (``PathExistsGlob=…/ask.*``) would otherwise start it again
 at once, in a loop, for as long as the file exists.  With ``--watch`` it never exits on its own:
 it sleeps in the inotify read until a request is pending.
+
+Every sleep is a ``poll`` on the inotify descriptor *and* on a pipe that Python's signal
+wake-up (``signal.set_wakeup_fd``) writes to.  Without the pipe, a SIGTERM that lands just before
+the ``poll`` system call (or on another thread) is handled only when the ``poll`` times out, up
+to a minute later: at switch-root, systemd would wait that long for the agent to stop.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import select
+import signal
 import time
 from pathlib import Path
 
@@ -59,9 +67,17 @@ class RequestWatcher:
             raise AgentError(f"cannot watch the agent directory {directory}: "
                              f"{error.strerror}; is --agent-directory right?") from None
         self._gone = False
+        self._wakeup_read, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_wakeup = signal.set_wakeup_fd(self._wakeup_write)
+        self._poller = select.poll()
+        self._poller.register(self._inotify.fileno(), select.POLLIN)
+        self._poller.register(self._wakeup_read, select.POLLIN)
         self.scan()
 
     def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_wakeup)
+        os.close(self._wakeup_read)
+        os.close(self._wakeup_write)
         self._inotify.close()
 
     def __enter__(self) -> RequestWatcher:
@@ -139,10 +155,10 @@ class RequestWatcher:
 
     def poll(self, timeout: float = 0.0) -> None:
         """Handle what happened, waiting up to ``timeout`` seconds for the first event."""
+        self._sleep(timeout)
+        events = self._inotify.read(timeout=0)
         if self._gone:
-            time.sleep(max(0.0, timeout))
             return
-        events = self._inotify.read(timeout=max(0, int(timeout * 1000)))
         rescan = False
         for event in events:
             if event.mask & (inotify_flags.Q_OVERFLOW | inotify_flags.DELETE_SELF
@@ -161,6 +177,16 @@ class RequestWatcher:
         if rescan:
             self.scan()
         self.expire()
+
+    def _sleep(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for an inotify event or a signal (whose Python
+        handler then runs as soon as this returns)."""
+        if self._poller.poll(max(0, int(timeout * 1000))):
+            try:
+                while os.read(self._wakeup_read, 512):
+                    pass
+            except BlockingIOError:
+                pass
 
     def _next_wake(self, until: float) -> float:
         """Seconds to sleep before something needs a look: ``until`` (a monotonic time), a

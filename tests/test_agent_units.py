@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from password_agent.servers import (
     parse_interfaces,
     wait_for_interfaces,
 )
+from password_agent.watch import RequestWatcher
 from tests.peers.ask import FakeRequester, monotonic_usec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -386,3 +389,30 @@ def test_watch_and_timeout_exclude_each_other(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "not allowed with" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_ends_the_watchers_sleep_even_when_another_thread_takes_it(
+        tmp_path: Path) -> None:
+    """A signal that the main thread does not receive itself (here: blocked in it, so the
+    kernel gives it to another thread; in the agent: one that lands just before the ``poll``
+    call) must still end the sleep at once, so that the handler (SIGTERM's) runs: else it would
+    run only when the sleep times out."""
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: handled.append(number))
+    try:
+        with RequestWatcher(tmp_path) as watcher:
+            # Started first: a thread inherits its creator's signal mask.
+            sender = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))
+            sender.start()
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+            try:
+                started = time.monotonic()
+                watcher.poll(30.0)
+                slept = time.monotonic() - started
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+                sender.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert handled == [signal.SIGUSR1]
+    assert slept < 15.0, f"the watcher slept {slept:.1f} s through the signal"
