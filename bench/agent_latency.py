@@ -37,7 +37,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -54,8 +53,8 @@ from tests.peers.upstream import (
     make_upstream_keys,
     upstream_section,
 )
+from tests.vm.images import python_search_path
 
-REPO = Path(__file__).resolve().parent.parent
 #: The interpreter the initramfs runs (never the venv's, whose site processing costs ~15 ms).
 PYTHON = "/usr/bin/python3"
 #: Upstream's agent ships in the dracut module of Debian's mandos-client package.
@@ -85,9 +84,7 @@ class AgentTimes:
 def our_environment() -> dict[str, str]:
     """Our agent's environment as in the initramfs: the packages from PYTHONPATH (there one
     private directory; here this tree, then the venv's site-packages), no site module."""
-    paths = dict.fromkeys([str(REPO), sysconfig.get_paths()["purelib"],
-                           sysconfig.get_paths()["platlib"]])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(python_search_path())}
 
 
 def our_agent_argv(keys: KeySet, connect: str, agent_directory: Path, work: Path) -> list[str]:
@@ -226,7 +223,6 @@ def one_run(agent: Agent, keys: KeySet, connect: str) -> float | None:
 def _failed(agent: Agent, work: Path, what: str) -> None:
     log = (work / "agent.log").read_text(errors="replace") if (work / "agent.log").exists() else ""
     print(f"{agent.label}: {what}; its log:\n{log[-2000:]}", file=sys.stderr)
-    return None
 
 
 @contextlib.contextmanager

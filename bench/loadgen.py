@@ -118,15 +118,22 @@ def unlock_once(address: tuple[str, int], client: SimulatedClient, priority: gnu
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.connect(address)
-        sock.sendall(wire.PROTOCOL_LINE)
-        with gnutls.Session.for_mandos_client(sock.fileno(), client.credentials,
-                                              priority) as session:
-            session.handshake()
-            blob = session.recv_all(1 << 20)
-            # The server may already be gone; the blob is what counts.
-            with contextlib.suppress(ProtocolError, BlockingIOError):
-                session.bye(wait_for_peer=False)
-    return blob == client.blob
+        return client_exchange(sock, client, priority) == client.blob
+
+
+def client_exchange(sock: socket.socket, client: SimulatedClient,
+                    priority: gnutls.Priority) -> bytes:
+    """The Mandos client's side on a connected socket: the protocol line, the handshake, the
+    blob until close_notify (returned), then our close_notify."""
+    sock.sendall(wire.PROTOCOL_LINE)
+    with gnutls.Session.for_mandos_client(sock.fileno(), client.credentials,
+                                          priority) as session:
+        session.handshake()
+        blob = session.recv_all(1 << 20)
+        # The server may already be gone; the blob is what counts.
+        with contextlib.suppress(ProtocolError, BlockingIOError):
+            session.bye(wait_for_peer=False)
+    return blob
 
 
 def run_level(address: tuple[str, int], clients: list[SimulatedClient], concurrency: int,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.loadgen import SimulatedClient, make_clients
+from bench.loadgen import SimulatedClient, client_exchange, make_clients
 from mandos_protocol import gnutls, wire
 
 #: Connections made at a time (each holds two descriptors until it is used).
@@ -80,13 +80,8 @@ def _exchange(pairs: list[tuple[socket.socket, socket.socket]], client: Simulate
     def mandos_client() -> None:
         started = time.thread_time()
         for _, client_end in pairs:
-            client_end.sendall(wire.PROTOCOL_LINE)
-            with gnutls.Session.for_mandos_client(client_end.fileno(), client.credentials,
-                                                  priority) as session:
-                session.handshake()
-                if session.recv_all(1 << 20) != client.blob:
-                    raise SystemExit("the blob arrived damaged")
-                session.bye(wait_for_peer=False)
+            if client_exchange(client_end, client, priority) != client.blob:
+                raise SystemExit("the blob arrived damaged")
         cpu["client"] = time.thread_time() - started
 
     threads = [threading.Thread(target=mandos_server), threading.Thread(target=mandos_client)]

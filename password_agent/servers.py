@@ -120,12 +120,13 @@ def wait_for_interfaces(interfaces: tuple[str, ...], delay: float, sys_class_net
     until = time.monotonic() + delay
     waiting = list(interfaces)
     while True:
-        waiting = [name for name in waiting if _operstate(sys_class_net, name) not in _UP]
+        states = {name: _operstate(sys_class_net, name) for name in waiting}
+        waiting = [name for name, state in states.items() if state not in _UP]
         if not waiting:
             return
         if time.monotonic() >= until:
             for name in waiting:
-                log.info("interface %s is %s after %.1f s; trying anyway", name,
-                         _operstate(sys_class_net, name), delay)
+                log.info("interface %s is %s after %.1f s; trying anyway", name, states[name],
+                         delay)
             return
         time.sleep(0.1)

@@ -252,12 +252,16 @@ class Announcer:
     async def _rename(self) -> bool:
         assert self._zeroconf is not None and self._registered is not None
         self._unwatch()
-        name = alternative_service_name(self._name)
-        self._log(f"Zeroconf service name collision; changing Zeroconf service name to "
-                  f"{name!r}")
         registered, self._registered = self._registered, None
         await self._zeroconf.async_unregister_service(registered)
-        return await self._register(name)
+        return await self._register(self._next_name(self._name))
+
+    def _next_name(self, name: str) -> str:
+        """The name to take after a collision on ``name``, logged as upstream logs it."""
+        name = alternative_service_name(name)
+        self._log(f"Zeroconf service name collision; changing Zeroconf service name to "
+                  f"{name!r}")
+        return name
 
     async def _register(self, name: str | None = None) -> bool:
         """Register under ``name`` (default: ``servicename``), renamed after each collision;
@@ -278,9 +282,7 @@ class Announcer:
             try:
                 announced = await self._zeroconf.async_register_service(info)
             except NonUniqueNameException:
-                name = alternative_service_name(name)
-                self._log(f"Zeroconf service name collision; changing Zeroconf service name "
-                          f"to {name!r}")
+                name = self._next_name(name)
                 continue
             except Exception as error:  # the server keeps serving without an announcement
                 self._log(f"Zeroconf registration of {name!r} failed: {error!r}")

@@ -215,7 +215,8 @@ def disk(cache: Path, busybox_binary: Path, passphrase: Path) -> Disk:
 def python_search_path() -> list[str]:
     """Where the initramfs's Python packages come from: this tree, then the running
     environment's site-packages (inotify_simple, python-gnupg, zeroconf)."""
-    return [str(REPO), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
 
 
 def initrd_inputs(kernel_: Kernel, keydir: Path) -> str:

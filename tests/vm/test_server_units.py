@@ -165,7 +165,7 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
     payload.copy(UNITS / "mandos.sysusers.conf", "/usr/lib/sysusers.d/mandos.conf")
     payload.copy(UNITS / "se.recompile.Mandos.conf",
                  "/usr/share/dbus-1/system.d/se.recompile.Mandos.conf")
-    search_path = list(dict.fromkeys(images.python_search_path()))
+    search_path = images.python_search_path()
     pythonpath = ":".join(payload.expose(search_path))
     payload.write("/usr/bin/mandos-server",
                   "#!/bin/sh\n# This tree's server on the test's virtualenv, as pip installs it.\n"
