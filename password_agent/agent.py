@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority
+from password_agent import stopsignal
 from password_agent.answered import AnsweredRecord
 from password_agent.asks import socket_problem
 from password_agent.decrypt import HOME_PREFIX, Decryptor
 from password_agent.errors import AgentError
-from password_agent.fetch import CONNECT_TIMEOUT, TLS_TIMEOUT, fetch_blob
+from password_agent.fetch import FETCH_TIMEOUT, Wait, fetch_blob
 from password_agent.gnupghome import remove_stale_homes
 from password_agent.keyfiles import KeyFiles
 from password_agent.reply import send_password
@@ -71,10 +72,6 @@ class AgentConfig:
     watch: bool = False
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwind (removing the GnuPG home on the way) and exit cleanly."""
-
-
 class _Deadline:
     """The end of ``--timeout``, if any, in monotonic seconds."""
 
@@ -88,6 +85,16 @@ class _Deadline:
     @property
     def passed(self) -> bool:
         return self.at is not None and time.monotonic() >= self.at
+
+
+def _fetch_waiter(watcher: RequestWatcher) -> Wait:
+    """The fetch's waits: on the socket and on the requests together, so that a request
+    that goes away (or SIGTERM) ends the fetch at once instead of at its deadline."""
+    def wait(fd: int, write: bool, seconds: float) -> None:
+        watcher.wait_for_socket(fd, write=write, timeout=seconds)
+        if not watcher.pending:
+            raise AgentError("no request is pending any more; fetch abandoned")
+    return wait
 
 
 class Agent:
@@ -194,6 +201,7 @@ class Agent:
                             create=self.config.watch) as watcher:
             if notifier is not None:
                 self._warm_up()
+                stopsignal.check()
                 log.info("warm (GnuPG home ready); waiting for password requests")
                 notifier.notify("READY=1", "STATUS=Waiting for password requests")
             backoff = FIRST_BACKOFF
@@ -250,8 +258,8 @@ class Agent:
                 return None
             try:
                 blob = fetch_blob(server, self._credentials, self._priority,
-                                  connect_timeout=deadline.left(CONNECT_TIMEOUT),
-                                  tls_timeout=deadline.left(TLS_TIMEOUT))
+                                  _fetch_waiter(watcher),
+                                  timeout=max(0.1, deadline.left(FETCH_TIMEOUT)))
             except AgentError as error:
                 log.info("%s", error)
                 continue
@@ -261,10 +269,15 @@ class Agent:
                 continue
             log.info("%s sent %d bytes", server, len(blob))
             try:
-                return self._gnupg_home().decrypt(blob)
+                password = self._gnupg_home().decrypt(blob)
             except AgentError as error:
                 log.warning("%s: %s", server, error)
                 self._close_decryptor()  # the next attempt starts over with a fresh home
+                continue
+            if stopsignal.requested():  # a stop asked for during the decryption wins
+                password[:] = bytes(len(password))
+                stopsignal.check()
+            return password
         return None
 
     def _answer(self, watcher: RequestWatcher, password: bytearray) -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
-from password_agent.agent import Agent, AgentConfig, Terminated
+from password_agent import stopsignal
+from password_agent.agent import Agent, AgentConfig
 from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
@@ -123,15 +122,11 @@ def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
     )
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.INFO,
                         format="mandos-password-agent: %(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _terminate)
+    stopsignal.install()
     try:
         config = config_from_arguments(arguments)
         if config is None:
@@ -141,6 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as error:
         print(f"mandos-password-agent: error: {error}", file=sys.stderr)
         return 1
-    except (Terminated, KeyboardInterrupt):
-        log.info("terminated; exiting")
+    except stopsignal.Terminated as stop:
+        log.info("terminated by %s; exiting", stop)
         return 0

@@ -2,14 +2,24 @@
 
 TCP connect, the protocol line ``1\\r\\n``, then TLS 1.3 in the TLS *server* role presenting our
 raw public key; the server sends the blob and close_notify.  An empty blob is a refusal.
-Everything is blocking with deadlines: the agent does nothing else meanwhile.
+
+The socket and the GnuTLS session are non-blocking, and every wait goes through the caller's
+``wait`` (the :class:`~password_agent.watch.RequestWatcher`'s), which also keeps the requests
+current and acts on SIGTERM.  So one deadline bounds the whole exchange with a server (connect,
+handshake and body together): per-record timeouts let a server that sends a byte now and then
+keep the agent busy for hours.  And the blob is capped: a real one is under 2 KiB.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import os
 import socket
-import struct
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
@@ -17,36 +27,129 @@ from mandos_protocol.wire import PROTOCOL_LINE
 from password_agent.errors import AgentError
 from password_agent.servers import Server
 
-#: An OpenPGP-encrypted password is a few KiB; anything this large is not one.
-MAX_BLOB = 1024 * 1024
+#: An OpenPGP-encrypted password is well under 2 KiB; anything this large is not one.
+MAX_BLOB = 64 * 1024
 
-CONNECT_TIMEOUT = 5.0
-TLS_TIMEOUT = 10.0
+#: How long the whole exchange with one server may take: connect, handshake and blob.
+FETCH_TIMEOUT = 10.0
+
+#: ``wait(fd, write, seconds)``: wait up to ``seconds`` for ``fd`` to be writable (else
+#: readable); raises to abandon the fetch (SIGTERM, no request left).
+Wait = Callable[[int, bool, float], None]
+
+T = TypeVar("T")
 
 
-def fetch_blob(server: Server, credentials: Credentials, priority: Priority, *,
-               connect_timeout: float = CONNECT_TIMEOUT, tls_timeout: float = TLS_TIMEOUT
-               ) -> bytes:
-    """The blob ``server`` sends us (``b""`` if it refused); :class:`AgentError` on failure."""
+class _Exchange:
+    """One connection's non-blocking calls, each retried on readiness until the deadline."""
+
+    def __init__(self, server: Server, wait: Wait, timeout: float) -> None:
+        self.server = server
+        self.wait = wait
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+
+    def drive(self, operation: Callable[[], T], fd: int,
+              want_write: Callable[[], bool]) -> T:
+        while True:
+            try:
+                return operation()
+            except BlockingIOError:
+                pass
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError(f"{self.server} took longer than {self.timeout:g} s; "
+                                 "giving up on it for this round")
+            self.wait(fd, want_write(), left)
+
+
+def _connected(connection: socket.socket) -> None:
+    """Whether the non-blocking connect finished: returns, raises its error, or raises
+    BlockingIOError while it is still in progress."""
+    code = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
     try:
-        connection = socket.create_connection((server.host, server.port),
-                                              timeout=max(0.1, connect_timeout))
+        connection.getpeername()
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise BlockingIOError from None
+        raise
+
+
+def _connect(server: Server, exchange: _Exchange) -> socket.socket:
+    """A connected non-blocking TCP socket to ``server`` (each of its addresses in turn)."""
+    try:
+        addresses = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
     except OSError as error:
         raise AgentError(f"cannot connect to {server}: {error.strerror or error}") from None
+    failure: OSError | None = None
+    for family, kind, protocol, _, address in addresses:
+        connection = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                   protocol)
+        try:
+            code = connection.connect_ex(address)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+            exchange.drive(functools.partial(_connected, connection), connection.fileno(),
+                           lambda: True)
+            return connection
+        except OSError as error:
+            connection.close()
+            failure = error
+        except BaseException:
+            connection.close()
+            raise
+    reason = (failure.strerror or str(failure)) if failure is not None else "no address"
+    raise AgentError(f"cannot connect to {server}: {reason}")
+
+
+def _send_line(connection: socket.socket) -> Callable[[], None]:
+    view = memoryview(PROTOCOL_LINE)
+
+    def attempt() -> None:
+        nonlocal view
+        while view:
+            view = view[connection.send(view):]
+
+    return attempt
+
+
+def _receive_blob(session: Session) -> Callable[[], bytes]:
+    """A non-blocking call collecting the blob until close_notify; past MAX_BLOB bytes it
+    fails at once instead of reading on."""
+    chunks: list[bytes] = []
+    total = 0
+
+    def attempt() -> bytes:
+        nonlocal total
+        while chunk := session.recv():
+            total += len(chunk)
+            if total > MAX_BLOB:
+                raise AgentError(f"the server sent more than {MAX_BLOB} bytes; a real blob "
+                                 "is under 2 KiB")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    return attempt
+
+
+def fetch_blob(server: Server, credentials: Credentials, priority: Priority, wait: Wait, *,
+               timeout: float = FETCH_TIMEOUT) -> bytes:
+    """The blob ``server`` sends us (``b""`` if it refused) within ``timeout`` seconds;
+    :class:`AgentError` on failure.  ``wait`` may raise to abandon the fetch."""
+    exchange = _Exchange(server, wait, timeout)
+    connection = _connect(server, exchange)
+    fd = connection.fileno()
     with connection:
         try:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # GnuTLS works on the descriptor: blocking, with kernel timeouts as a backstop.
-            connection.settimeout(None)
-            limit = struct.pack("ll", int(tls_timeout), int(tls_timeout % 1 * 1e6))
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-            connection.sendall(PROTOCOL_LINE)
-            with Session.for_mandos_client(connection.fileno(), credentials, priority,
-                                           timeout=tls_timeout) as session:
-                session.handshake()
-                blob = session.recv_all(MAX_BLOB)
-                with contextlib.suppress(ProtocolError):
+            exchange.drive(_send_line(connection), fd, lambda: True)
+            with Session.for_mandos_client(fd, credentials, priority,
+                                           nonblocking=True) as session:
+                exchange.drive(session.handshake, fd, lambda: session.want_write)
+                blob = exchange.drive(_receive_blob(session), fd, lambda: session.want_write)
+                with contextlib.suppress(ProtocolError, BlockingIOError):
                     # The blob is complete; the server may have gone already.
                     session.bye(wait_for_peer=False)
         except OSError as error:

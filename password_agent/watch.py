@@ -29,6 +29,7 @@ from pathlib import Path
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
+from password_agent import stopsignal
 from password_agent.asks import AskRequest, Ignored, load_request
 from password_agent.errors import AgentError
 
@@ -178,15 +179,35 @@ class RequestWatcher:
             self.scan()
         self.expire()
 
-    def _sleep(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for an inotify event or a signal (whose Python
-        handler then runs as soon as this returns)."""
-        if self._poller.poll(max(0, int(timeout * 1000))):
+    def _sleep(self, timeout: float, fd: int | None = None, events: int = 0) -> bool:
+        """Wait up to ``timeout`` seconds for an inotify event, a signal, or (if given) the
+        ``events`` on ``fd``; whether ``fd`` became ready.  A stop signal (SIGTERM) recorded
+        before or during the wait raises :class:`~password_agent.stopsignal.Terminated`."""
+        stopsignal.check()
+        if fd is not None:
+            self._poller.register(fd, events)
+        try:
+            ready = self._poller.poll(max(0, int(timeout * 1000)))
+        finally:
+            if fd is not None:
+                self._poller.unregister(fd)
+        if any(ready_fd == self._wakeup_read for ready_fd, _ in ready):
             try:
                 while os.read(self._wakeup_read, 512):
                     pass
             except BlockingIOError:
                 pass
+        stopsignal.check()
+        return fd is not None and any(ready_fd == fd for ready_fd, _ in ready)
+
+    def wait_for_socket(self, fd: int, *, write: bool, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``fd`` to be readable (or writable), keeping
+        the requests current meanwhile; whether it became ready.  The fetch waits so: a
+        request that goes away, or SIGTERM, ends its wait at once."""
+        ready = self._sleep(min(timeout, _RECHECK_SECONDS), fd,
+                            select.POLLOUT if write else select.POLLIN)
+        self.poll()
+        return ready
 
     def _next_wake(self, until: float) -> float:
         """Seconds to sleep before something needs a look: ``until`` (a monotonic time), a

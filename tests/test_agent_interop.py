@@ -188,21 +188,24 @@ def test_all_requests_answers_other_ids(server: UpstreamServer, agents: AgentHar
 
 def test_request_deleted_during_the_fetch_is_not_answered(
         upstream_client: UpstreamClient, agents: AgentHarness, requests: Path) -> None:
-    """The server takes 2 s to hand out the blob (approval_delay); the request goes away
-    meanwhile, so the fetched password goes nowhere."""
+    """The server takes 5 s to hand out the blob (approval_delay); the request goes away
+    meanwhile: the agent, still watching the requests while it fetches, abandons the fetch at
+    once and exits, long before the server would have sent anything."""
     slow = (upstream_client.section.rstrip("\n")
-            + "\napproval_delay = PT2S\napproved_by_default = True\n")
+            + "\napproval_delay = PT5S\napproved_by_default = True\n")
     with UpstreamServer(slow) as server, FakeRequester(requests) as fake:
         agent = agents.start("--timeout", "20", connect=[server.connect],
                              agent_directory=requests)
         agent.wait_log("pending")
         time.sleep(0.5)
+        removed = time.monotonic()
         fake.remove_ask_file()
         assert agent.wait() == 0, agent.log()
+        assert time.monotonic() - removed < 3.0, agent.log()
         assert fake.receive(0) is None
     log = agent.log()
-    assert "sent" in log and "bytes" in log, log  # the fetch did complete
-    assert "answered" not in log
+    assert "fetch abandoned" in log, log
+    assert "bytes" not in log and "answered" not in log, log
 
 
 def test_not_after_passing_while_pending_drops_the_request(
