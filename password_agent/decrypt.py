@@ -15,7 +15,14 @@ prepares it before any request, waits for it with :meth:`Decryptor.wait_ready`, 
 until it exits.
 
 The plaintext reaches us through gpg's stdout pipe into a ``bytearray`` that the caller zeroes;
-it never touches a file.
+it never touches a file.  The blob comes from the network, and before the TLS handshake nothing
+says who sent it (any Zeroconf responder on the LAN can answer): a compressed OpenPGP message of
+a few hundred bytes inflates to gigabytes, which in the initramfs means the OOM killer.  So gpg
+may write at most :data:`MAX_PLAINTEXT` bytes (``--max-output``), the collection stops keeping
+data past that even if gpg did not, and a result counts only if gpg decrypted a message
+encrypted to a public key (``ENC_TO``, then ``DECRYPTION_OKAY``): a stored or signed literal,
+or a symmetrically encrypted message (``--pinentry-mode error``: nobody is there to type a
+passphrase), is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ logging.getLogger("gnupg").setLevel(logging.WARNING)
 
 #: The name of each GnuPG home in the run directory starts so.
 HOME_PREFIX = "gnupg."
+
+#: The most plaintext accepted: a disk password is at most a few KiB.
+MAX_PLAINTEXT = 64 * 1024
+
+#: gpg's options for the decryption: bounded output, never a passphrase prompt.
+_DECRYPT_OPTIONS = ["--max-output", str(MAX_PLAINTEXT), "--pinentry-mode", "error"]
 
 #: How long closing waits for an unfinished preparation before stopping gpg-agent regardless
 #: (an agent started after that exits by itself when its home is removed).
@@ -100,21 +113,32 @@ class Decryptor:
         gpg = self._gpg
         assert gpg is not None
         plaintext = bytearray()
+        overflow = False
 
         def collect(chunk: bytes) -> bool:
-            plaintext.extend(chunk)
+            nonlocal overflow
+            if len(plaintext) + len(chunk) > MAX_PLAINTEXT:
+                overflow = True  # keep reading (gpg must not block), keep nothing
+            elif not overflow:
+                plaintext.extend(chunk)
             return False  # python-gnupg keeps nothing
 
         gpg.on_data = collect
         try:
-            result = gpg.decrypt(blob, always_trust=True)
+            result = gpg.decrypt(blob, always_trust=True, extra_args=_DECRYPT_OPTIONS)
         finally:
             gpg.on_data = None
-        if not result.ok:
+        problem = None
+        if overflow or "max-output" in (result.stderr or ""):
+            problem = f"its plaintext is larger than {MAX_PLAINTEXT} bytes"
+        elif not result.ok:
+            problem = f"gpg cannot decrypt it ({result.status or 'no status'}); was the " \
+                      "secret made for this key set?"
+        elif not getattr(result, "key_id", None):
+            problem = "it is not encrypted to a public key"
+        if problem is not None:
             plaintext[:] = bytes(len(plaintext))
-            status = result.status or "no status"
-            raise AgentError(f"gpg cannot decrypt the server's blob ({status}); was the "
-                             "secret made for this key set?")
+            raise AgentError(f"refusing the server's blob: {problem}")
         return plaintext
 
     def close(self) -> None:
