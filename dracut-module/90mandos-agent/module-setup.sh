@@ -98,9 +98,23 @@ _mandos_agent_install_python() {
         -s "$initdir" -p / "${targets[@]}" >/dev/null || return 1
 }
 
+# The image holds the client's secret keys, so it must be readable by root alone.  dracut
+# writes a new image under umask 077, but it copies the finished image onto an existing
+# $outfile with cp, which keeps that file's mode: Debian's mkinitramfs makes images 0644, so
+# rebuilding one with dracut -f would leave the keys readable by every local user.  Making
+# the existing file private before the copy makes the result 0600 either way.
+_mandos_agent_private_image() {
+    [[ -n ${outfile-} && -e $outfile ]] || return 0
+    if ! chmod 0600 -- "$outfile"; then
+        dwarning "mandos-agent: cannot make $outfile private (chmod 0600); it will hold the" \
+                 "Mandos client's secret keys: fix its mode before booting it"
+    fi
+}
+
 install() {
     local keydir file unitdir="$systemdsystemunitdir"
     keydir=$(_mandos_agent_keydir) || return 1
+    _mandos_agent_private_image
     _mandos_agent_install_python || return 1
     inst_multiple gpg gpg-agent gpgconf || return 1
 

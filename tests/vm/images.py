@@ -240,35 +240,40 @@ def initrd_inputs(kernel_: Kernel, keydir: Path) -> str:
 
 
 def initrd(cache: Path, kernel_: Kernel, keydir: Path) -> Path:
-    """The initramfs: dracut from a private base directory holding our module and the slim
-    network-driver module; the host's dracut configuration is ignored."""
+    """The initramfs, from the cache when it is up to date."""
     image = cache / f"initrd-{initrd_inputs(kernel_, keydir)}.img"
     if image.exists():
         return image
     with tempfile.TemporaryDirectory(dir=cache) as work:
-        base = Path(work) / "dracut"
-        run(["cp", "-as", f"{DRACUT_BASE}/.", str(base)])
-        modules = base / "modules.d"
-        for name in ("90kernel-network-modules", "90mandos-agent"):
-            shutil.rmtree(modules / name, ignore_errors=True)
-        shutil.copytree(SLIM_NETWORK_MODULE, modules / "90kernel-network-modules")
-        shutil.copytree(MODULE, modules / "90mandos-agent")
-        confdir = Path(work) / "conf.d"
-        confdir.mkdir()
-        (confdir / "mandos-agent.conf").write_text(
-            f'mandos_agent_keydir="{keydir}"\n'
-            f'mandos_agent_pythonpath="{":".join(python_search_path())}"\n')
         partial = Path(work) / "initrd.img"
-        run(["dracut", "--conf", "/dev/null", "--confdir", str(confdir), "--force",
-             "--no-hostonly", "--no-hostonly-cmdline", "--kver", kernel_.version,
-             "--kmoddir", str(kernel_.moddir), "--compress", "zstd",
-             "--omit", "mandos plymouth", "--modules", DRACUT_MODULES,
-             "--drivers", DRACUT_DRIVERS, "--tmpdir", work, str(partial)],
-            env={**os.environ, "dracutbasedir": str(base)})
+        make_initrd(partial, kernel_, keydir, Path(work))
         for old in cache.glob("initrd-*.img"):
             old.unlink()
         os.replace(partial, image)
     return image
+
+
+def make_initrd(output: Path, kernel_: Kernel, keydir: Path, work: Path) -> None:
+    """Run dracut from a private base directory holding our module and the slim
+    network-driver module (the host's dracut configuration is ignored), writing ``output``."""
+    base = work / "dracut"
+    run(["cp", "-as", f"{DRACUT_BASE}/.", str(base)])
+    modules = base / "modules.d"
+    for name in ("90kernel-network-modules", "90mandos-agent"):
+        shutil.rmtree(modules / name, ignore_errors=True)
+    shutil.copytree(SLIM_NETWORK_MODULE, modules / "90kernel-network-modules")
+    shutil.copytree(MODULE, modules / "90mandos-agent")
+    confdir = work / "conf.d"
+    confdir.mkdir()
+    (confdir / "mandos-agent.conf").write_text(
+        f'mandos_agent_keydir="{keydir}"\n'
+        f'mandos_agent_pythonpath="{":".join(python_search_path())}"\n')
+    run(["dracut", "--conf", "/dev/null", "--confdir", str(confdir), "--force",
+         "--no-hostonly", "--no-hostonly-cmdline", "--kver", kernel_.version,
+         "--kmoddir", str(kernel_.moddir), "--compress", "zstd",
+         "--omit", "mandos plymouth", "--modules", DRACUT_MODULES,
+         "--drivers", DRACUT_DRIVERS, "--tmpdir", str(work), str(output)],
+        env={**os.environ, "dracutbasedir": str(base)})
 
 
 def build(cache: Path | None = None) -> VmImages:
