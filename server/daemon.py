@@ -24,7 +24,7 @@ from mandos_protocol.notify import Notifier
 from server import systemd
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
-from server.journal import WARNING, Event, Journal
+from server.journal import ERR, WARNING, Event, Journal
 from server.listener import Listener, adopt_socket, bind_socket
 from server.statefile import StateFile
 
@@ -91,6 +91,9 @@ class Daemon:
         saved = self.statefile.load() if self.settings.restore else {}
         for _name, restored in self.statefile.restore(self.configs, saved, utcnow()).items():
             self.clients.add(self._make_client(restored.settings, restored.state))
+        if self.statefile.damage is not None:
+            self.journal.event(Event.STATE_PROBLEM, self.statefile.damage[0].upper()
+                               + self.statefile.damage[1:], priority=ERR)
         self._log_config_loaded("Loaded")
         sockets = self._sockets()
         self.listener = Listener(sockets, lambda: self.clients, self.journal, priority)
@@ -199,6 +202,8 @@ class Daemon:
         sent = [(c.state.last_secret_sent, c.name) for c in clients
                 if c.state.last_secret_sent is not None]
         line = f"{len(clients)} clients, {enabled} enabled"
+        if self.statefile.damage is not None:
+            line = f"STATE FILE DAMAGED, all clients disabled at start; {line}"
         if sent:
             stamp, name = max(sent)
             line += f"; last secret sent to {name} at {stamp.strftime('%Y-%m-%d %H:%M:%S')}Z"

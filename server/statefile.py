@@ -12,8 +12,11 @@ can tell which settings were changed in the file since (reference/mandos-protoco
 
 The secret is not stored: the configuration has it.  Writes are atomic (a temporary file in
 the same directory, fsync, rename, fsync of the directory: :mod:`mandos_protocol.durable`).
-A corrupt file is moved aside to ``clients.json.corrupt-<time>`` with a warning; it never
-stops the server.
+A damaged file (unreadable, not JSON, not our format) fails closed: it is moved aside to
+``clients.json.damaged-<time>``, never overwritten, and every client starts *disabled* until
+an admin enables it (``mandos-ctl --enable``).  Starting from the configuration instead would
+enable every client, also one that was disabled because its checker failed (a stolen machine),
+after one bad byte.  If the file cannot be moved aside, the server refuses to start.
 
 Durability trade-off: the server does not write the file on every change.  During a reboot
 storm every secret sent changes a client's state, and one fsync per unlock would cost more than
@@ -29,7 +32,6 @@ Upstream Mandos saves its state only when it stops, so this is never less durabl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -41,7 +43,7 @@ from typing import Any
 
 from mandos_protocol import durable
 from server.clients import Client, ClientState, utcnow
-from server.config import ClientConfig
+from server.config import ClientConfig, ConfigError
 
 FILENAME = "clients.json"
 FORMAT = 1
@@ -145,19 +147,15 @@ class StateFile:
         self.directory = directory
         self.path = directory / FILENAME
         self.warn = warn
+        #: Why the file could not be used, if it was damaged: every client starts disabled.
+        self.damage: str | None = None
 
     def load(self) -> dict[str, SavedClient]:
-        """The saved clients; {} if there is no file; a corrupt file is moved aside."""
+        """The saved clients; {} if there is no file.  A damaged file is moved aside and
+        :attr:`damage` says why (:meth:`restore` then disables every client);
+        :class:`ConfigError` if it cannot be moved aside."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        except (OSError, UnicodeDecodeError) as error:
-            self.warn(f"Cannot read state file {self.path}: {error}; starting from the "
-                      "configuration")
-            return {}
-        try:
-            data = json.loads(text)
+            data = json.loads(self.path.read_bytes().decode("utf-8"))
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise StateError("unknown format")
             clients = data["clients"]
@@ -168,13 +166,21 @@ class StateFile:
                                   state=_decode_state(entry["state"]))
                 for name, entry in clients.items()
             }
-        except (ValueError, KeyError, TypeError, StateError) as error:
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StateError) as error:
+            reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
             aside = self.path.with_name(
-                f"{FILENAME}.corrupt-{utcnow().strftime('%Y%m%dT%H%M%SZ')}")
-            with contextlib.suppress(OSError):
+                f"{FILENAME}.damaged-{utcnow().strftime('%Y%m%dT%H%M%SZ')}")
+            try:
                 os.replace(self.path, aside)
-            self.warn(f"State file {self.path} is corrupt ({error}); moved it to {aside} and "
-                      "started from the configuration")
+            except OSError as move_error:
+                raise ConfigError(
+                    f"state file {self.path} is damaged ({reason}) and cannot be moved aside "
+                    f"({move_error.strerror}); move it away (or fix it) and start again") \
+                    from None
+            self.damage = (f"state file {self.path} is damaged ({reason}); moved it to "
+                           f"{aside}; every client starts disabled until an admin enables it")
             return {}
 
     def restore(self, configs: Mapping[str, ClientConfig], saved: Mapping[str, SavedClient],
@@ -183,6 +189,11 @@ class StateFile:
         result: dict[str, Restored] = {}
         for name, config in configs.items():
             entry = saved.get(name)
+            if entry is None and self.damage is not None:  # fail closed
+                state = fresh_state(config, now)
+                state.enabled, state.expires, state.last_enabled = False, None, None
+                result[name] = Restored(config, state)
+                continue
             if entry is None:
                 result[name] = Restored(config, fresh_state(config, now))
                 continue

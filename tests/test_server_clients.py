@@ -9,13 +9,14 @@ import io
 import json
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from mandos_protocol.gnutls import Priority
 from server.clients import Client, ClientState, ClientTable, utcnow
-from server.config import ClientConfig
+from server.config import ClientConfig, ConfigError
 from server.journal import Event, Journal, encode_entry
 from server.listener import Listener, bind_socket
 from server.statefile import StateFile, fresh_state
@@ -185,13 +186,36 @@ def test_expired_client_restore(tmp_path: Path, checked_ok: bool, status: int,
         assert restored.state.expires == now + config().timeout
 
 
-def test_corrupt_state_moved_aside(tmp_path: Path) -> None:
-    messages: list[str] = []
+def test_damaged_state_moved_aside_and_every_client_disabled(tmp_path: Path) -> None:
     (tmp_path / "clients.json").write_text(json.dumps({"format": 1, "clients": {"x": {}}}))
-    assert StateFile(tmp_path, messages.append).load() == {}
+    statefile = StateFile(tmp_path, lambda message: None)
+    assert statefile.load() == {}
     assert not (tmp_path / "clients.json").exists()
-    assert len(list(tmp_path.glob("clients.json.corrupt-*"))) == 1
-    assert "corrupt" in messages[0]
+    assert len(list(tmp_path.glob("clients.json.damaged-*"))) == 1
+    assert statefile.damage is not None and "damaged" in statefile.damage
+    now = utcnow()
+    restored = statefile.restore({"foo": config()}, {}, now)["foo"]
+    assert config().enabled and not restored.state.enabled and restored.state.expires is None
+
+
+def test_a_missing_state_file_is_no_damage(tmp_path: Path) -> None:
+    statefile = StateFile(tmp_path, lambda message: None)
+    assert statefile.load() == {} and statefile.damage is None
+    assert statefile.restore({"foo": config()}, {}, utcnow())["foo"].state.enabled
+
+
+def test_a_damaged_state_file_that_cannot_be_moved_aside_stops_the_start(
+        tmp_path: Path) -> None:
+    (tmp_path / "clients.json").write_text("{not json")
+    tmp_path.chmod(0o500)  # as root, rename still works unless the directory is immutable
+    subprocess.run(["chattr", "+i", str(tmp_path)], check=True)
+    try:
+        with pytest.raises(ConfigError, match="cannot be moved aside"):
+            StateFile(tmp_path, lambda message: None).load()
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+        tmp_path.chmod(0o700)
+    assert (tmp_path / "clients.json").read_text() == "{not json"
 
 
 def test_journal_native_encoding(tmp_path: Path) -> None:

@@ -130,16 +130,37 @@ def test_restart_restores_state(keys: Keys, tmp_path: Path) -> None:
         server.close()
 
 
-def test_corrupt_state_file_is_moved_aside(keys: Keys, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["not JSON", "truncated", "a directory", "wrong format"])
+def test_a_damaged_state_file_fails_closed(damage: str, keys: Keys, tmp_path: Path) -> None:
+    """A damaged clients.json is kept aside, never overwritten, and every client starts
+    disabled (a client that was disabled, e.g. a stolen machine, must not come back enabled
+    after one bad byte); an admin's --enable brings one back."""
     server = OurServer(clients_conf(hand_section(keys)), directory=tmp_path)
-    (server.statedir / "clients.json").write_text("{not json")
+    state = server.statedir / "clients.json"
+    damaged: bytes | None = None
     try:
+        server.start()
+        assert server.stop() == 0
+        good = state.read_bytes()
+        if damage == "a directory":
+            state.unlink()
+            state.mkdir()
+        else:
+            damaged = {"not JSON": b"{not json", "truncated": good[:len(good) // 2],
+                       "wrong format": b'{"format": 99}'}[damage]
+            state.write_bytes(damaged)
         server.start()
         assert server.journal is not None
         problem = server.journal.wait_for("state-problem")
-        assert "corrupt" in problem[0]["MESSAGE"]
-        assert list(server.statedir.glob("clients.json.corrupt-*"))
-        assert fetch(keys.foo, "127.0.0.1", server.port) == section_secret(keys.foo_section)
+        assert "damaged" in problem[-1]["MESSAGE"] and problem[-1]["PRIORITY"] == "3"
+        asides = list(server.statedir.glob("clients.json.damaged-*"))
+        assert len(asides) == 1
+        if damaged is not None:
+            assert asides[0].read_bytes() == damaged  # kept as it was
+        assert fetch(keys.foo, "127.0.0.1", server.port) == b""  # disabled
+        server.stop()
+        saved = json.loads(state.read_text())
+        assert saved["clients"]["foo"]["state"]["enabled"] is False
     finally:
         server.close()
 

@@ -97,7 +97,8 @@ def test_our_agent_unlocks_the_luks_root(vm_images: images.VmImages, server: Our
         f"the agent was not warm before the request; {context}"
     # Stopped before switch-root, it removed its GnuPG home (the secret key) from /run, which
     # the root keeps, and its gpg-agent is gone; the record of answers stays.
-    assert result.first(r"mandos-password-agent: terminated by SIGTERM; exiting") is not None, context
+    stopped = result.first(r"mandos-password-agent: terminated by SIGTERM; exiting")
+    assert stopped is not None, context
     assert "agent run directory: answered\n" in console, context
     assert "gpg-agent processes: 0\n" in console, context
     assert "Traceback" not in console, context
