@@ -42,6 +42,7 @@ class Event(enum.Enum):
     APPROVAL_TIMED_OUT = ("approval-timed-out", "269c2ace7a7e40799e7c19184f49e9a4", WARNING)
     NEEDS_APPROVAL = ("needs-approval", "2be50666ac8b4c92b6700c0698da90ba", NOTICE)
     CONNECTION_FAILED = ("connection-failed", "32021c68407c47bd8421190dd0c153bb", INFO)
+    CONNECTION_FLOOD = ("connection-flood", "3bfd992aba0e4141b0c58feab0f14f61", WARNING)
     CLIENT_ENABLED = ("client-enabled", "ee6d22a96f7848cc8d086bddff059889", INFO)
     CLIENT_DISABLED = ("client-disabled", "10e6c91d472a4b248e6c881ca4dc8209", NOTICE)
     CLIENT_EXPIRED = ("client-expired", "87ef8b10854346cea9e8b6a222aaf83c", WARNING)

@@ -5,8 +5,17 @@ here (IPv6 dual-stack unless ``--no-ipv6``; ``SO_BINDTODEVICE`` for ``--interfac
 connection is one asyncio task: read the protocol line with a deadline, run the TLS handshake
 as the TLS *client* with empty credentials (non-blocking GnuTLS driven by the loop) with a
 deadline, look up the peer's key id, let the client decide, send the blob or nothing, then
-close_notify.  A semaphore bounds the connections in progress; the rest wait in the kernel's
-listen backlog.  A silent or garbage-talking peer costs one socket and one timer.
+close_notify.
+
+A limit that silent peers can fill is a denial of service: a cap of 256 connections in
+progress, each held by a silent peer until its deadline, once kept every real client in the
+listen backlog for 10 s.  So every connection is accepted at once; a silent or garbage-talking
+peer costs one socket and one timer.  What is bounded is the number of open connections (file
+descriptors and memory), and when that bound is reached, the *oldest connection still short of
+a finished handshake* is evicted to make room: a real client finishes its line and handshake in
+milliseconds, so it is never the oldest, while a silent peer ages.  Connections past the
+handshake (e.g. waiting for an approval) are never evicted.  Failures before TLS are logged at
+DEBUG one by one, and a flood of them as one warning (:class:`FloodReport`).
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import resource
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,16 +35,94 @@ from mandos_protocol.gnutls import Credentials, Priority, Session
 from mandos_protocol.wire import MAX_PROTOCOL_LINE, PROTOCOL_LINE, key_id, parse_protocol_line
 from server.clients import ClientTable
 from server.config import ConfigError
-from server.journal import DEBUG, Event, Journal
+from server.journal import DEBUG, NOTICE, Event, Journal
 
 #: Deadlines (seconds) for a peer to send its protocol line, to finish the handshake, and to
 #: take the blob and answer close_notify.
 LINE_DEADLINE = 10.0
 HANDSHAKE_DEADLINE = 10.0
 SEND_DEADLINE = 10.0
-#: Connections handled at once; more wait in the listen backlog.
-MAX_CONNECTIONS = 256
+#: The most connections open at once (a few KiB of memory each); past it the oldest one short
+#: of a finished handshake is evicted.  Also kept below the file descriptor limit.
+MAX_CONNECTIONS = 4096
+#: File descriptors kept free for everything else (journal, D-Bus, checkers, state file).
+RESERVED_FDS = 64
 BACKLOG = max(socket.SOMAXCONN, 1024)
+#: A flood: this many connections failing before TLS (or evicted) within FLOOD_WINDOW s.
+FLOOD_THRESHOLD = 100
+FLOOD_WINDOW = 10.0
+
+
+def connection_budget(maximum: int = MAX_CONNECTIONS) -> int:
+    """How many connections may be open: ``maximum``, within the file descriptor limit.
+
+    The soft limit is raised to the hard one first, as systemd advises for programs that use
+    epoll (systemd's default is 1024:524288), so that a flood of idle peers meets the
+    eviction rule above rather than ``EMFILE`` in ``accept``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return maximum
+    return max(1, min(maximum, soft - RESERVED_FDS))
+
+
+class FloodReport:
+    """Counts connections that failed before TLS or were evicted, and writes one warning when
+    they become a flood (FLOOD_THRESHOLD within FLOOD_WINDOW seconds), then one notice when a
+    window passes below the threshold again, with the total: a flood never writes one journal
+    entry per connection."""
+
+    def __init__(self, journal: Journal, *, threshold: int = FLOOD_THRESHOLD,
+                 window: float = FLOOD_WINDOW) -> None:
+        self.journal = journal
+        self.threshold = threshold
+        self.window = window
+        self._count = 0
+        self._peers: dict[str, int] = {}
+        self._flooding = False
+        self._total = 0
+        self._started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, peer: str) -> None:
+        self._count += 1
+        self._peers[peer] = self._peers.get(peer, 0) + 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.window, self._next_window)
+        if not self._flooding and self._count >= self.threshold:
+            self._flooding = True
+            self._started = time.monotonic()
+            self._total = 0
+            top, count = max(self._peers.items(), key=lambda item: item[1])
+            self.journal.event(
+                Event.CONNECTION_FLOOD,
+                f"Connection flood: {self._count} connections failed before TLS or were "
+                f"evicted within {self.window:g} s ({len(self._peers)} peers, most from "
+                f"{top}: {count}); real clients are still served; further failures are "
+                "counted, not logged", peer=top)
+
+    def _next_window(self) -> None:
+        self._timer = None
+        self._total += self._count
+        if self._flooding and self._count < self.threshold:
+            self._flooding = False
+            self.journal.event(
+                Event.CONNECTION_FLOOD,
+                f"Connection flood over: {self._total} connections failed before TLS or were "
+                f"evicted in {time.monotonic() - self._started:.0f} s", priority=NOTICE)
+        self._count = 0
+        self._peers = {}
+        if self._flooding:
+            self._timer = asyncio.get_running_loop().call_later(self.window, self._next_window)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def bind_socket(address: str, port: int, *, use_ipv6: bool = True,
@@ -169,15 +258,19 @@ class Listener:
 
     def __init__(self, sockets: list[socket.socket], clients: Callable[[], ClientTable],
                  journal: Journal, priority: Priority, *,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int | None = None) -> None:
         self.sockets = sockets
         self.clients = clients
         self.journal = journal
         self.priority = priority
         self.credentials = Credentials()
-        self._slots = asyncio.Semaphore(max_connections)
+        self.max_connections = (connection_budget() if max_connections is None
+                                else max_connections)
+        self.floods = FloodReport(journal)
         self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
+        #: Connections short of a finished handshake, oldest first (dicts keep order).
+        self._unproven: dict[asyncio.Task[None], None] = {}
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -188,50 +281,72 @@ class Listener:
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()
             try:
                 connection, address = await loop.sock_accept(sock)
             except OSError as error:
-                self._slots.release()
                 self.journal.event(Event.SERVER_ERROR, f"accept() failed: {error.strerror}")
                 await asyncio.sleep(0.1)
                 continue
-            except BaseException:
-                self._slots.release()
-                raise
+            if len(self._connections) >= self.max_connections and not self._evict_oldest():
+                connection.close()  # every open connection is a client past its handshake
+                continue
             task = loop.create_task(self._handle(connection, format_peer(address)))
             self._connections.add(task)
+            self._unproven[task] = None
             task.add_done_callback(self._finished)
+
+    def _evict_oldest(self) -> bool:
+        """End the oldest connection short of a finished handshake; whether there was one."""
+        for task in self._unproven:
+            del self._unproven[task]
+            self._connections.discard(task)  # its slot is free now; it ends soon
+            task.cancel()
+            return True
+        return False
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._connections.discard(task)
-        self._slots.release()
+        self._unproven.pop(task, None)
 
     async def _handle(self, connection: socket.socket, peer: str) -> None:
         with connection:  # non-blocking already: loop.sock_accept made it so
-            if connection.family in (socket.AF_INET, socket.AF_INET6):
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            fd = connection.fileno()
-            driver = tls_asyncio.Driver(fd)
             try:
+                await self._exchange(connection, peer)
+            except asyncio.CancelledError:
+                if asyncio.current_task() not in self._connections:  # evicted, not stopping
+                    self.floods.note(peer)
+                    self.journal.event(Event.CONNECTION_FAILED,
+                                       f"Connection from {peer} evicted before TLS: too many "
+                                       "connections open", peer=peer, priority=DEBUG)
+                raise
+
+    async def _exchange(self, connection: socket.socket, peer: str) -> None:
+        if connection.family in (socket.AF_INET, socket.AF_INET6):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fd = connection.fileno()
+        driver = tls_asyncio.Driver(fd)
+        try:
+            try:
+                parse_protocol_line(
+                    await driver.run(protocol_line_reader(connection), LINE_DEADLINE))
+            except (ProtocolError, TimeoutError, OSError) as error:
+                self._failed(peer, "before TLS", error)
+                return
+            with Session.for_mandos_server(fd, self.credentials, self.priority,
+                                           nonblocking=True) as session:
+                driver.session = session
                 try:
-                    parse_protocol_line(
-                        await driver.run(protocol_line_reader(connection), LINE_DEADLINE))
+                    await driver.run(session.handshake, HANDSHAKE_DEADLINE)
+                    peer_key = key_id(session.peer_public_key())
                 except (ProtocolError, TimeoutError, OSError) as error:
-                    self._failed(peer, "before TLS", error)
+                    self._failed(peer, "in the TLS handshake", error)
                     return
-                with Session.for_mandos_server(fd, self.credentials, self.priority,
-                                               nonblocking=True) as session:
-                    driver.session = session
-                    try:
-                        await driver.run(session.handshake, HANDSHAKE_DEADLINE)
-                        peer_key = key_id(session.peer_public_key())
-                    except (ProtocolError, TimeoutError, OSError) as error:
-                        self._failed(peer, "in the TLS handshake", error)
-                        return
-                    await self._serve(session, driver, peer, peer_key)
-            finally:
-                driver.close()
+                task = asyncio.current_task()
+                if task is not None:
+                    self._unproven.pop(task, None)  # proven: never evicted
+                await self._serve(session, driver, peer, peer_key)
+        finally:
+            driver.close()
 
     async def _serve(self, session: Session, driver: tls_asyncio.Driver, peer: str,
                      peer_key: str) -> None:
@@ -267,9 +382,12 @@ class Listener:
 
     def _failed(self, peer: str, where: str, error: BaseException, *, key: str = "") -> None:
         reason = str(error) or "timed out"
+        early = where != "while sending"  # anyone can do this: no key proven yet
+        if early:
+            self.floods.note(peer)
         self.journal.event(Event.CONNECTION_FAILED, f"Connection from {peer} failed {where}: "
-                           f"{reason}", peer=peer, key_id=key or None, priority=DEBUG
-                           if where == "before TLS" else None)
+                           f"{reason}", peer=peer, key_id=key or None,
+                           priority=DEBUG if early else None)
 
     @property
     def port(self) -> int:
@@ -283,6 +401,7 @@ class Listener:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._accepting.clear()
+        self.floods.close()
         for sock in self.sockets:
             sock.close()
         self.credentials.close()
