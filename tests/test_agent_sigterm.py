@@ -160,7 +160,7 @@ def test_200_sigterms_at_random_moments_none_missed(
         try:
             with ThreadPoolExecutor(CONCURRENT) as pool:
                 outcomes += pool.map(
-                    lambda step: _one_run(*step, agents, server, stalling,
+                    lambda step: _one_run(step[0], step[1], step[2], agents, server, stalling,
                                           random.Random(rng.random())),
                     [step for step in plan if step[2] is with_hogs])
         finally:
