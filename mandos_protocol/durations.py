@@ -5,6 +5,10 @@ as a fallback, a space-separated list of ``<integer><unit>`` tokens with the uni
 (``"5m 30s"``).  We accept exactly what upstream accepts, quirks included, so that a
 ``clients.conf`` moves between the two unchanged: a year is 52 weeks and a month 4 weeks, letters
 are case-sensitive, and an empty value is a duration of zero.
+
+One difference: a duration longer than :data:`MAX_DURATION` (100 years) is refused.  Upstream
+takes ``P9000Y``, and then the expiry arithmetic (now + timeout) overflows on every checker
+result, so the client expires for good; nothing needs a timeout beyond a lifetime.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ _UNIT = {
 }
 
 
+#: The longest duration accepted anywhere (files, mandos-ctl, D-Bus): 100 years.
+MAX_DURATION = datetime.timedelta(days=36525)
+
+
 def _parse_rfc3339(text: str) -> datetime.timedelta | None:
     """Upstream's ``rfc3339_duration_to_delta``, or None where it raises ValueError."""
     if not text.startswith("P"):
@@ -60,11 +68,18 @@ def _parse_rfc3339(text: str) -> datetime.timedelta | None:
     return total if "" in _FOLLOWERS[state] else None
 
 
+def check_duration(delta: datetime.timedelta, text: str) -> datetime.timedelta:
+    """``delta`` if it is at most :data:`MAX_DURATION`, else :class:`ProtocolError`."""
+    if delta > MAX_DURATION:
+        raise ProtocolError(f"duration {text!r} is longer than 100 years")
+    return delta
+
+
 def parse_duration(text: str) -> datetime.timedelta:
     """Parse a duration in either of upstream's forms, or raise :class:`ProtocolError`."""
     delta = _parse_rfc3339(text)
     if delta is not None:
-        return delta
+        return check_duration(delta, text)
     total = datetime.timedelta()
     for token in text.split():
         number, unit = token[:-1], token[-1]
@@ -75,4 +90,4 @@ def parse_duration(text: str) -> datetime.timedelta:
                 f"invalid duration {text!r}: write it as RFC 3339 (PT5M, P1DT2H, P1W) "
                 "or as a list like '5m 30s' (units s m h d w)"
             ) from None
-    return total
+    return check_duration(total, text)

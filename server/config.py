@@ -26,6 +26,7 @@ from pathlib import Path
 from mandos_protocol.durations import parse_duration
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.wire import DEFAULT_PRIORITY, EMPTY_KEY_ID, normalize_key_id
+from server.checker import quoted_expansion
 
 #: Upstream's defaults for every client section (``Client.client_defaults``).
 CLIENT_DEFAULTS: Mapping[str, str] = {
@@ -163,6 +164,16 @@ def _duration(parser: configparser.ConfigParser, path: Path, section: str,
     return delta
 
 
+def _checker(parser: configparser.ConfigParser, path: Path, section: str) -> str:
+    command = _get(parser, path, section, "checker")
+    inside = quoted_expansion(command)
+    if inside is not None:
+        raise ConfigError(f"{path}: [{section}] checker: {inside} stands inside quotes; write "
+                          "it without them (each value is quoted for the shell already, and "
+                          "quotes around it undo that)")
+    return command
+
+
 def _secret(parser: configparser.ConfigParser, path: Path, section: str) -> bytes:
     """The blob: base64 ``secret`` (may span indented lines) or the raw contents of
     ``secfile``."""
@@ -216,7 +227,7 @@ def parse_client(parser: configparser.ConfigParser, path: Path, name: str) -> Cl
         timeout=_duration(parser, path, name, "timeout"),
         extended_timeout=_duration(parser, path, name, "extended_timeout"),
         interval=_duration(parser, path, name, "interval"),
-        checker=_get(parser, path, name, "checker"),
+        checker=_checker(parser, path, name),
         approved_by_default=_boolean(parser, path, name, "approved_by_default"),
         approval_delay=_duration(parser, path, name, "approval_delay"),
         approval_duration=_duration(parser, path, name, "approval_duration"),

@@ -51,6 +51,9 @@ from dbus_fast.service import (
     dbus_signal,
 )
 
+from mandos_protocol.durations import check_duration
+from mandos_protocol.errors import ProtocolError
+from server.checker import quoted_expansion
 from server.clients import Client, ClientTable
 from server.journal import WARNING, Event, Journal
 
@@ -97,7 +100,14 @@ def milliseconds(delta: datetime.timedelta) -> int:
 
 
 def _delta(value: int) -> datetime.timedelta:
-    return datetime.timedelta(milliseconds=value)
+    """A duration property's new value, checked before anything is assigned: a huge one
+    would make every later expiry computation overflow."""
+    try:
+        return check_duration(datetime.timedelta(milliseconds=value), f"{value} ms")
+    except (ProtocolError, OverflowError) as error:
+        raise DBusError(ErrorType.INVALID_ARGS,
+                        str(error) if isinstance(error, ProtocolError)
+                        else f"duration {value} ms is longer than 100 years") from None
 
 
 #: D-Bus integer types: a client may send any of them where a property is ``t`` or ``n``.
@@ -242,6 +252,10 @@ class ClientObject(ServiceInterface):
 
     @Checker.setter
     def Checker(self, value: DBusStr) -> None:
+        inside = quoted_expansion(str(value))
+        if inside is not None:
+            raise DBusError(ErrorType.INVALID_ARGS, f"{inside} stands inside quotes in the "
+                            "checker; write it without them (each value is quoted already)")
         self._set(checker=str(value))
 
     @dbus_property()

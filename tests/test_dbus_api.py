@@ -219,6 +219,38 @@ def test_settings_by_upstream_ctl(setup: Setup, tmp_private: Path) -> None:
     assert dump(setup.bus, "foo")["foo"]["Enabled"] is False
 
 
+def test_a_huge_timeout_is_refused_before_it_is_assigned(setup: Setup) -> None:
+    """P9000Y as milliseconds, set over D-Bus: assigning it would make every later checker
+    result overflow the expiry, and the client would expire for good."""
+    before = dump(setup.bus, "foo")["foo"]["Timeout"]
+    nine_thousand_years = 9000 * 52 * 7 * 86400 * 1000  # as upstream's mandos-ctl counts
+    result = subprocess.run(
+        ["dbus-send", "--system", "--print-reply", f"--dest={BUS_NAME}", "/clients/foo",
+         "org.freedesktop.DBus.Properties.Set", "string:se.recompile.Mandos.Client",
+         "string:Timeout", f"variant:uint64:{nine_thousand_years}"],
+        env=setup.bus.environment(), capture_output=True, text=True, timeout=10)
+    assert result.returncode != 0 and "longer than 100 years" in result.stderr, result
+    assert dump(setup.bus, "foo")["foo"]["Timeout"] == before
+    ctl(setup.bus, "--bump-timeout", "foo")  # checked_ok still works
+    assert dump(setup.bus, "foo")["foo"]["Enabled"] is True
+    assert setup.fetch_foo() != b""
+
+
+def test_a_quoted_checker_expansion_is_refused_and_never_run(setup: Setup,
+                                                              tmp_path: Path) -> None:
+    """shlex.quote inside double quotes is undone: with Host $(touch FILE), a checker
+    "ping \"%(host)s\"" would run touch.  Refused by the setter, and never run."""
+    marker = tmp_path / "injected"
+    ctl(setup.bus, "-H", f"$(touch {marker})", "foo")
+    refused = ctl(setup.bus, "-c", '/bin/true "%(host)s"', "foo", check=False)
+    assert refused.returncode != 0 and "inside quotes" in refused.stderr
+    assert dump(setup.bus, "foo")["foo"]["Checker"] != '/bin/true "%(host)s"'
+    ctl(setup.bus, "-c", "/bin/true %(host)s", "-i", "PT0.1S", "foo")  # bare: safe
+    assert setup.server.journal is not None
+    setup.server.journal.wait_for("checker-succeeded", MANDOS_CLIENT="foo")
+    assert not marker.exists()
+
+
 def test_checker_signals_and_remove(setup: Setup) -> None:
     async def scenario() -> None:
         signals = await listen(setup.bus)

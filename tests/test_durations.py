@@ -120,3 +120,13 @@ def test_overflow_is_a_protocol_error(text: str) -> None:
         upstream_string_to_delta(text)
     with pytest.raises(ProtocolError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["P9000Y", "P101Y", "5300w", "P5300W"])
+def test_durations_beyond_100_years_are_refused(text: str) -> None:
+    with pytest.raises(ProtocolError, match="longer than 100 years"):
+        parse_duration(text)
+
+
+def test_100_years_is_accepted() -> None:
+    assert parse_duration("P100Y") == datetime.timedelta(weeks=5200)

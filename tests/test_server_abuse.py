@@ -217,10 +217,10 @@ def test_oversized_line_connect_and_close_and_half_a_clienthello(
     pid = server.process.pid
     idle_sockets = _sockets(pid)
     # An oversized protocol line: closed (reset: unread data was left), nothing sent back.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            sock.sendall(b"1" * 100_000)
-            assert sock.recv(4096) == b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock, \
+            contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        sock.sendall(b"1" * 100_000)
+        assert sock.recv(4096) == b""
     # A connect-and-close flood.
     for _ in range(1000):
         socket.create_connection(("127.0.0.1", server.port)).close()

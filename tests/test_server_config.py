@@ -90,6 +90,9 @@ def test_missing_file_means_no_clients(tmp_path: Path) -> None:
     (f"key_id = {KEY_A}\nsecret = {SECRET}\napproved_by_default = 2\n",
      "[foo] approved_by_default"),
     (f"key_id = {KEY_A}\nsecret = {SECRET}\nhost = %(nothing)s\n", "[foo] host"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\ntimeout = P9000Y\n", "[foo] timeout"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nchecker = ping \"%%(host)s\"\n", "[foo] checker"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nchecker = ssh x '%%(host)s'\n", "[foo] checker"),
 ])
 def test_bad_client_values(tmp_path: Path, body: str, where: str) -> None:
     path = write(tmp_path, "[foo]\n" + body)
@@ -149,6 +152,7 @@ def run_server(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("conf", "where"), [
     ("[foo]\nkey_id = {a}\nsecret = !!\n", "[foo] secret"),
     ("[foo]\nkey_id = {a}\nsecret = {s}\ntimeout = PT\n", "[foo] timeout"),
+    ("[foo]\nkey_id = {a}\nsecret = {s}\ntimeout = P9000Y\n", "[foo] timeout"),
     ("[foo]\nkey_id = {a}\nsecret = {s}\n[bar]\nkey_id = {a}\nsecret = {s}\n", "[bar] key_id"),
 ])
 def test_start_up_error_is_one_line(tmp_path: Path, conf: str, where: str) -> None:
