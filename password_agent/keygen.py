@@ -19,6 +19,7 @@ Where we differ from upstream, on purpose:
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
+from password_agent import stopsignal
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
 from password_agent.keygen_files import (
@@ -227,11 +229,18 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM and SIGHUP are recorded and acted on after the gpg step under way, so that the
+    # temporary GnuPG home with the new secret key is removed (by default they would kill us
+    # at once and leave it).  SIGINT stays KeyboardInterrupt: it must end a password prompt.
+    stopsignal.install((signal.SIGTERM, signal.SIGHUP))
     try:
         run(args)
     except AgentError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    except stopsignal.Terminated as stop:
+        print(f"{PROG}: stopped by {stop}", file=sys.stderr)
+        return 128 + (stopsignal.received() or signal.SIGTERM)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

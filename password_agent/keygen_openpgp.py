@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gnupg
 
+from password_agent import stopsignal
 from password_agent.errors import AgentError
 from password_agent.gnupghome import private_home
 
@@ -179,6 +180,7 @@ def generate_openpgp_key(spec: KeySpec) -> OpenPgpKeyPair:
         public = exporter.export_keys(fingerprint, armor=True, minimal=True)
         secret = exporter.export_keys(fingerprint, secret=True, armor=True, minimal=True,
                                       expect_passphrase=False)
+        stopsignal.check()  # a SIGTERM during gpg: stop here, removing the home
     if not public or not secret:
         raise AgentError("gpg could not export the new OpenPGP key")
     return OpenPgpKeyPair(public_armor=public.encode("ascii"),
@@ -205,6 +207,7 @@ def encrypt_to_own_key(public_armor: bytes, secret_armor: bytes,
         fingerprint = str(keys[0]["fingerprint"])
         result = gpg.encrypt(password, [fingerprint], sign=fingerprint, armor=True,
                              always_trust=True, extra_args=["--comment", SECRET_COMMENT])
+        stopsignal.check()
         if not result.ok:
             complaint = _gpg_complaint(result.stderr)
             raise AgentError(f"gpg could not encrypt the password: {complaint}")

@@ -9,7 +9,9 @@ and systemd then waited ``TimeoutStopSec`` with the GnuPG home (the secret key) 
 every wait of the agent polls (:class:`~password_agent.watch.RequestWatcher`, and through it
 the fetch), ends the wait at once, and :func:`check`, called after each wait and between the
 steps of a request, raises :class:`Terminated` from ordinary code, where the ``finally`` blocks
-that stop gpg-agent and remove the home run as they should.
+that stop gpg-agent and remove the home run as they should.  ``mandos-keygen`` uses it too,
+for SIGTERM and SIGHUP, so that an interrupted run removes its temporary GnuPG home (the new
+secret key) and stops its gpg-agent.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ def _record(signum: int, frame: FrameType | None) -> None:
     _received = signum
 
 
-def install() -> None:
-    """Record SIGTERM and SIGINT from now on (main thread only)."""
+def install(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Record ``signals`` from now on (main thread only)."""
     global _received
     _received = None
-    signal.signal(signal.SIGTERM, _record)
-    signal.signal(signal.SIGINT, _record)
+    for signum in signals:
+        signal.signal(signum, _record)
+
+
+def received() -> int | None:
+    """The stop signal recorded, if any."""
+    return _received
 
 
 def requested() -> bool:

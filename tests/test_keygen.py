@@ -12,8 +12,10 @@ import configparser
 import fcntl
 import os
 import pty
+import random
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -582,3 +584,35 @@ def test_secret_is_base64_of_the_blob(our_section: str) -> None:
     lines = parse_section(our_section)["secret"].split()
     blob = base64.b64decode("".join(lines), validate=True)
     assert blob[0] & 0x80  # an OpenPGP packet
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_an_interrupted_keygen_leaves_no_gnupg_home_nor_gpg_agent(signum: int,
+                                                                   tmp_path: Path) -> None:
+    """SIGTERM or SIGHUP at random moments of a key generation (RSA-4096: several seconds in
+    gpg): the temporary GnuPG home holding the new secret key is removed and its gpg-agent
+    stopped (by default the signal killed keygen and left both), 3 tries each."""
+    rng = random.Random(signum)
+    for attempt in range(3):
+        scratch = Path(tempfile.mkdtemp(prefix="mkg-"))
+        (tmp_path / f"keys{attempt}").mkdir(mode=0o700)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "password_agent.keygen", "-d",
+                 str(tmp_path / f"keys{attempt}"), "-t", "RSA", "-l", "4096", "-f"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env={**os.environ, "TMPDIR": str(scratch)})
+            deadline = time.monotonic() + 10
+            while not any(scratch.glob("mandos-keygen-*")):
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode != 0, stderr
+            assert_nothing_left(scratch)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            shutil.rmtree(scratch, ignore_errors=True)
