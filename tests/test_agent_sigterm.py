@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +27,7 @@ from tests.conftest import UpstreamClient
 from tests.peers.agent import AgentHarness, processes_left
 from tests.peers.ask import FakeRequester
 from tests.peers.ours import OurServer, clients_conf
-from tests.test_agent_watch import NotifySocket
+from tests.test_agent_watch import NotifySocket, RecordingListener
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -38,40 +36,6 @@ PHASES = ("before-ready", "after-ready", "during-fetch", "during-decryption")
 CONCURRENT = 6
 #: How long an agent may take to end after SIGTERM before it counts as a miss.
 GRACE = 5.0
-
-
-class StallingServer:
-    """A TCP listener on 127.0.0.1 that accepts, reads the protocol line, and then says
-    nothing until the client goes away: a fetch that never ends by itself."""
-
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
-        self.socket.settimeout(0.1)
-        self.accepted = 0
-        self._held: list[socket.socket] = []
-        self._running = True
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    @property
-    def connect(self) -> str:
-        return f"127.0.0.1:{self.socket.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while self._running:
-            try:
-                connection, _ = self.socket.accept()
-            except (TimeoutError, OSError):
-                continue
-            self._held.append(connection)
-            self.accepted += 1
-
-    def close(self) -> None:
-        self._running = False
-        self._thread.join()
-        for connection in self._held:
-            connection.close()
-        self.socket.close()
 
 
 class CpuHogs:
@@ -106,7 +70,7 @@ def _wait_for_log(agent_log: Path, text: str, timeout: float) -> bool:
 
 
 def _one_run(index: int, phase: str, hogs: bool, agents: AgentHarness, server: OurServer,
-             stalling: StallingServer, rng: random.Random) -> Outcome:
+             stalling: RecordingListener, rng: random.Random) -> Outcome:
     directory = agents.work / f"asks{index}"
     directory.mkdir()
     notify = NotifySocket(agents.work / f"notify{index}")
@@ -140,8 +104,8 @@ def _one_run(index: int, phase: str, hogs: bool, agents: AgentHarness, server: O
 
 
 @pytest.fixture
-def servers(upstream_client: UpstreamClient) -> Iterator[tuple[OurServer, StallingServer]]:
-    stalling = StallingServer()
+def servers(upstream_client: UpstreamClient) -> Iterator[tuple[OurServer, RecordingListener]]:
+    stalling = RecordingListener(hold=True)  # a fetch from it never ends by itself
     try:
         with OurServer(clients_conf(upstream_client.section)) as server:
             yield server, stalling
@@ -150,7 +114,7 @@ def servers(upstream_client: UpstreamClient) -> Iterator[tuple[OurServer, Stalli
 
 
 def test_200_sigterms_at_random_moments_none_missed(
-        agents: AgentHarness, servers: tuple[OurServer, StallingServer]) -> None:
+        agents: AgentHarness, servers: tuple[OurServer, RecordingListener]) -> None:
     server, stalling = servers
     rng = random.Random(20261202)
     plan = [(index, PHASES[index % len(PHASES)], index >= RUNS // 2) for index in range(RUNS)]
@@ -176,7 +140,7 @@ def test_200_sigterms_at_random_moments_none_missed(
           f"hogs): {len(missed)} missed, {len(bad_status)} bad exits, {len(leftovers)} "
           f"gpg-agents and {len(homes)} GnuPG homes left")
     assert len(outcomes) == RUNS
-    assert stalling.accepted > 0  # the during-fetch runs did reach the stalling server
+    assert stalling.connections > 0  # the during-fetch runs did reach the stalling server
     assert server.journal is not None and server.journal.find("secret-sent")
     assert missed == [], "\n\n".join(f"{o.phase} hogs={o.hogs}:\n{o.log}" for o in missed[:3])
     assert bad_status == [], [(o.phase, o.status, o.log) for o in bad_status[:3]]

@@ -76,12 +76,15 @@ class NotifySocket:
 
 class RecordingListener:
     """A TCP listener on 127.0.0.1 that counts the connections made to it and closes each at
-    once: what a Mandos server would see of an agent."""
+    once (what a Mandos server would see of an agent), or with ``hold`` keeps each open and
+    says nothing: a server that stalls every fetch."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hold: bool = False) -> None:
         self.socket = socket.create_server(("127.0.0.1", 0))
         self.socket.settimeout(0.1)
         self.connections = 0
+        self._hold = hold
+        self._held: list[socket.socket] = []
         self._running = True
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -97,11 +100,16 @@ class RecordingListener:
             except (TimeoutError, OSError):
                 continue
             self.connections += 1
-            connection.close()
+            if self._hold:
+                self._held.append(connection)
+            else:
+                connection.close()
 
     def close(self) -> None:
         self._running = False
         self._thread.join()
+        for connection in self._held:
+            connection.close()
         self.socket.close()
 
 
