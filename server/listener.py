@@ -51,6 +51,8 @@ BACKLOG = max(socket.SOMAXCONN, 1024)
 #: A flood: this many connections failing before TLS (or evicted) within FLOOD_WINDOW s.
 FLOOD_THRESHOLD = 100
 FLOOD_WINDOW = 10.0
+#: Distinct peers counted per window (a flood from many addresses must not grow memory).
+_FLOOD_PEERS_KEPT = 1024
 
 
 def connection_budget(maximum: int = MAX_CONNECTIONS) -> int:
@@ -90,7 +92,8 @@ class FloodReport:
 
     def note(self, peer: str) -> None:
         self._count += 1
-        self._peers[peer] = self._peers.get(peer, 0) + 1
+        if peer in self._peers or len(self._peers) < _FLOOD_PEERS_KEPT:  # bounded memory
+            self._peers[peer] = self._peers.get(peer, 0) + 1
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.window, self._next_window)
         if not self._flooding and self._count >= self.threshold:
@@ -101,7 +104,8 @@ class FloodReport:
             self.journal.event(
                 Event.CONNECTION_FLOOD,
                 f"Connection flood: {self._count} connections failed before TLS or were "
-                f"evicted within {self.window:g} s ({len(self._peers)} peers, most from "
+                f"evicted within {self.window:g} s (from {len(self._peers)}"
+                f"{'+' if len(self._peers) >= _FLOOD_PEERS_KEPT else ''} peers, most from "
                 f"{top}: {count}); real clients are still served; further failures are "
                 "counted, not logged", peer=top)
 
