@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import UpstreamClient
+from tests.peers.agent import processes_left
 
 pytestmark = pytest.mark.interop
 
@@ -99,8 +101,17 @@ def _decrypt(client: UpstreamClient, work: Path, name: str, blob: bytes) -> dict
 
 @pytest.fixture(scope="module")
 def forged(upstream_client: UpstreamClient, tmp_path_factory: pytest.TempPathFactory
-           ) -> dict[str, bytes]:
+           ) -> Iterator[dict[str, bytes]]:
     forger = Forger(tmp_path_factory.mktemp("forger") / "home", upstream_client)
+    try:
+        yield _forge(forger)
+    finally:  # the forger's own key generation and signing started a gpg-agent
+        subprocess.run(["gpgconf", "--homedir", str(forger.home), "--kill", "gpg-agent"],
+                       check=False, capture_output=True)
+    assert processes_left(str(forger.home)) == []
+
+
+def _forge(forger: Forger) -> dict[str, bytes]:
     ours = ["--recipient", forger.ours]
     return {
         "stored bzip2 bomb": forger.from_zeros("--store", "-z", "9", "--compress-algo",
