@@ -28,8 +28,8 @@ class ExpansionError(Exception):
     """The checker command has a ``%`` expansion that cannot be made; the message says why."""
 
 
-def quoted_expansion(command: str) -> str | None:
-    """The first ``%(attr)s`` that stands inside shell quotes in ``command``, if any.
+def refuse_quoted_expansion(command: str) -> None:
+    """:class:`ExpansionError` if a ``%(attr)s`` stands inside shell quotes in ``command``.
 
     Each value is substituted already quoted for the shell (``shlex.quote``); inside double
     quotes that quoting is undone (``"'$(touch /tmp/x)'"`` still runs the command substitution),
@@ -44,19 +44,18 @@ def quoted_expansion(command: str) -> str | None:
             continue
         if quote and command.startswith("%(", index):
             end = command.find(")", index)
-            return command[index:end + 2] if end >= 0 else command[index:]
+            inside = command[index:end + 2] if end >= 0 else command[index:]
+            raise ExpansionError(f"{inside} stands inside quotes; write it without them (each "
+                                 "value is quoted for the shell already, and quotes around "
+                                 "it undo that)")
         if char in "'\"" and quote in ("", char):
             quote = "" if quote else char
         index += 1
-    return None
 
 
 def expand(command: str, attributes: Mapping[str, object]) -> str:
     """``command`` with ``%(attr)s`` replaced by the shell-quoted attribute values."""
-    inside = quoted_expansion(command)
-    if inside is not None:
-        raise ExpansionError(f"{inside} stands inside quotes in checker {command!r}; write it "
-                             "without quotes (each value is quoted for the shell already)")
+    refuse_quoted_expansion(command)
     quoted = {name: shlex.quote(str(attributes[name])) for name in RUNTIME_EXPANSIONS
               if name in attributes}
     try:

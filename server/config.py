@@ -26,7 +26,7 @@ from pathlib import Path
 from mandos_protocol.durations import parse_duration
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.wire import DEFAULT_PRIORITY, EMPTY_KEY_ID, normalize_key_id
-from server.checker import quoted_expansion
+from server.checker import ExpansionError, refuse_quoted_expansion
 
 #: Upstream's defaults for every client section (``Client.client_defaults``).
 CLIENT_DEFAULTS: Mapping[str, str] = {
@@ -166,11 +166,10 @@ def _duration(parser: configparser.ConfigParser, path: Path, section: str,
 
 def _checker(parser: configparser.ConfigParser, path: Path, section: str) -> str:
     command = _get(parser, path, section, "checker")
-    inside = quoted_expansion(command)
-    if inside is not None:
-        raise ConfigError(f"{path}: [{section}] checker: {inside} stands inside quotes; write "
-                          "it without them (each value is quoted for the shell already, and "
-                          "quotes around it undo that)")
+    try:
+        refuse_quoted_expansion(command)
+    except ExpansionError as error:
+        raise ConfigError(f"{path}: [{section}] checker: {error}") from None
     return command
 
 

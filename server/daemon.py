@@ -92,8 +92,7 @@ class Daemon:
         for _name, restored in self.statefile.restore(self.configs, saved, utcnow()).items():
             self.clients.add(self._make_client(restored.settings, restored.state))
         if self.statefile.damage is not None:
-            self.journal.event(Event.STATE_PROBLEM, self.statefile.damage[0].upper()
-                               + self.statefile.damage[1:], priority=ERR)
+            self.journal.event(Event.STATE_PROBLEM, self.statefile.damage, priority=ERR)
         self._log_config_loaded("Loaded")
         sockets = self._sockets()
         self.listener = Listener(sockets, lambda: self.clients, self.journal, priority)

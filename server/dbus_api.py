@@ -53,7 +53,7 @@ from dbus_fast.service import (
 
 from mandos_protocol.durations import check_duration
 from mandos_protocol.errors import ProtocolError
-from server.checker import quoted_expansion
+from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable
 from server.journal import WARNING, Event, Journal
 
@@ -103,11 +103,13 @@ def _delta(value: int) -> datetime.timedelta:
     """A duration property's new value, checked before anything is assigned: a huge one
     would make every later expiry computation overflow."""
     try:
-        return check_duration(datetime.timedelta(milliseconds=value), f"{value} ms")
-    except (ProtocolError, OverflowError) as error:
-        raise DBusError(ErrorType.INVALID_ARGS,
-                        str(error) if isinstance(error, ProtocolError)
-                        else f"duration {value} ms is longer than 100 years") from None
+        delta = datetime.timedelta(milliseconds=value)
+    except OverflowError:
+        delta = datetime.timedelta.max
+    try:
+        return check_duration(delta, f"{value} ms")
+    except ProtocolError as error:
+        raise DBusError(ErrorType.INVALID_ARGS, str(error)) from None
 
 
 #: D-Bus integer types: a client may send any of them where a property is ``t`` or ``n``.
@@ -252,10 +254,10 @@ class ClientObject(ServiceInterface):
 
     @Checker.setter
     def Checker(self, value: DBusStr) -> None:
-        inside = quoted_expansion(str(value))
-        if inside is not None:
-            raise DBusError(ErrorType.INVALID_ARGS, f"{inside} stands inside quotes in the "
-                            "checker; write it without them (each value is quoted already)")
+        try:
+            refuse_quoted_expansion(str(value))
+        except ExpansionError as error:
+            raise DBusError(ErrorType.INVALID_ARGS, f"checker: {error}") from None
         self._set(checker=str(value))
 
     @dbus_property()

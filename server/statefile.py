@@ -179,7 +179,7 @@ class StateFile:
                     f"state file {self.path} is damaged ({reason}) and cannot be moved aside "
                     f"({move_error.strerror}); move it away (or fix it) and start again") \
                     from None
-            self.damage = (f"state file {self.path} is damaged ({reason}); moved it to "
+            self.damage = (f"State file {self.path} is damaged ({reason}); moved it to "
                            f"{aside}; every client starts disabled until an admin enables it")
             return {}
 
