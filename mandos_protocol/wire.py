@@ -8,6 +8,7 @@ peer's DER SubjectPublicKeyInfo, turns it into a key id and sends the client's b
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from mandos_protocol.errors import ProtocolError
 
@@ -64,3 +65,17 @@ def normalize_key_id(text: str) -> str:
 def key_ids_equal(a: str, b: str) -> bool:
     """Whether two key ids (or fingerprints) name the same key, ignoring case and spaces."""
     return normalize_key_id(a) == normalize_key_id(b)
+
+
+def resumable_send(send: Callable[[memoryview], int], data: bytes) -> Callable[[], None]:
+    """A non-blocking call sending all of ``data`` with ``send`` (a socket's or a TLS
+    session's), keeping its progress across BlockingIOError, for a driver to call again on
+    each readiness until it returns."""
+    view = memoryview(data)
+
+    def attempt() -> None:
+        nonlocal view
+        while view:
+            view = view[send(view):]
+
+    return attempt

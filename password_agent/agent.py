@@ -274,7 +274,7 @@ class Agent:
                 log.warning("%s: %s", server, error)
                 self._close_decryptor()  # the next attempt starts over with a fresh home
                 continue
-            if stopsignal.requested():  # a stop asked for during the decryption wins
+            if stopsignal.received() is not None:  # a stop during the decryption wins
                 password[:] = bytes(len(password))
                 stopsignal.check()
             return password

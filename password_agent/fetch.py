@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import PROTOCOL_LINE
+from mandos_protocol.wire import PROTOCOL_LINE, resumable_send
 from password_agent.errors import AgentError
 from password_agent.servers import Server
 
@@ -64,7 +64,7 @@ class _Exchange:
 
 
 def _connected(connection: socket.socket) -> None:
-    """Whether the non-blocking connect finished: returns, raises its error, or raises
+    """Returns once the non-blocking connect has finished; raises its error, or
     BlockingIOError while it is still in progress."""
     code = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if code:
@@ -104,17 +104,6 @@ def _connect(server: Server, exchange: _Exchange) -> socket.socket:
     raise AgentError(f"cannot connect to {server}: {reason}")
 
 
-def _send_line(connection: socket.socket) -> Callable[[], None]:
-    view = memoryview(PROTOCOL_LINE)
-
-    def attempt() -> None:
-        nonlocal view
-        while view:
-            view = view[connection.send(view):]
-
-    return attempt
-
-
 def _receive_blob(session: Session) -> Callable[[], bytes]:
     """A non-blocking call collecting the blob until close_notify; past MAX_BLOB bytes it
     fails at once instead of reading on."""
@@ -144,7 +133,7 @@ def fetch_blob(server: Server, credentials: Credentials, priority: Priority, wai
     with connection:
         try:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            exchange.drive(_send_line(connection), fd, lambda: True)
+            exchange.drive(resumable_send(connection.send, PROTOCOL_LINE), fd, lambda: True)
             with Session.for_mandos_client(fd, credentials, priority,
                                            nonblocking=True) as session:
                 exchange.drive(session.handshake, fd, lambda: session.want_write)

@@ -45,11 +45,6 @@ def received() -> int | None:
     return _received
 
 
-def requested() -> bool:
-    """Whether a stop was asked for."""
-    return _received is not None
-
-
 def check() -> None:
     """Raise :class:`Terminated` if a stop was asked for."""
     if _received is not None:

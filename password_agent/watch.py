@@ -179,10 +179,10 @@ class RequestWatcher:
             self.scan()
         self.expire()
 
-    def _sleep(self, timeout: float, fd: int | None = None, events: int = 0) -> bool:
+    def _sleep(self, timeout: float, fd: int | None = None, events: int = 0) -> None:
         """Wait up to ``timeout`` seconds for an inotify event, a signal, or (if given) the
-        ``events`` on ``fd``; whether ``fd`` became ready.  A stop signal (SIGTERM) recorded
-        before or during the wait raises :class:`~password_agent.stopsignal.Terminated`."""
+        ``events`` on ``fd``.  A stop signal (SIGTERM) recorded before or during the wait
+        raises :class:`~password_agent.stopsignal.Terminated`."""
         stopsignal.check()
         if fd is not None:
             self._poller.register(fd, events)
@@ -198,16 +198,14 @@ class RequestWatcher:
             except BlockingIOError:
                 pass
         stopsignal.check()
-        return fd is not None and any(ready_fd == fd for ready_fd, _ in ready)
 
-    def wait_for_socket(self, fd: int, *, write: bool, timeout: float) -> bool:
+    def wait_for_socket(self, fd: int, *, write: bool, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for ``fd`` to be readable (or writable), keeping
-        the requests current meanwhile; whether it became ready.  The fetch waits so: a
-        request that goes away, or SIGTERM, ends its wait at once."""
-        ready = self._sleep(min(timeout, _RECHECK_SECONDS), fd,
-                            select.POLLOUT if write else select.POLLIN)
+        the requests current meanwhile.  The fetch waits so: a request that goes away, or
+        SIGTERM, ends its wait at once."""
+        self._sleep(min(timeout, _RECHECK_SECONDS), fd,
+                    select.POLLOUT if write else select.POLLIN)
         self.poll()
-        return ready
 
     def _next_wake(self, until: float) -> float:
         """Seconds to sleep before something needs a look: ``until`` (a monotonic time), a

@@ -32,7 +32,13 @@ from typing import Any
 from mandos_protocol import tls_asyncio
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import MAX_PROTOCOL_LINE, PROTOCOL_LINE, key_id, parse_protocol_line
+from mandos_protocol.wire import (
+    MAX_PROTOCOL_LINE,
+    PROTOCOL_LINE,
+    key_id,
+    parse_protocol_line,
+    resumable_send,
+)
 from server.clients import ClientTable
 from server.config import ConfigError
 from server.journal import DEBUG, NOTICE, Event, Journal
@@ -244,19 +250,6 @@ def protocol_line_reader(sock: socket.socket) -> Callable[[], bytes]:
     return attempt
 
 
-def _sender(session: Session, data: bytes) -> Callable[[], None]:
-    """A non-blocking call (for :class:`tls_asyncio.Driver`) sending all of ``data``, keeping
-    its progress across BlockingIOError."""
-    view = memoryview(data)
-
-    def attempt() -> None:
-        nonlocal view
-        while view:
-            view = view[session.send(view):]
-
-    return attempt
-
-
 class Listener:
     """Accepts connections on the listening sockets and hands out secrets."""
 
@@ -366,7 +359,7 @@ class Listener:
             secret = await client.authorize(peer)
             if secret is None:
                 return
-            await driver.run(_sender(session, secret), SEND_DEADLINE)
+            await driver.run(resumable_send(session.send, secret), SEND_DEADLINE)
             client.secret_sent(peer)
         except asyncio.CancelledError:
             cancelled = True
