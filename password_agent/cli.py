@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mandos_protocol.coredump import forbid_core_dumps
 from password_agent import stopsignal
 from password_agent.agent import Agent, AgentConfig
 from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
@@ -124,6 +125,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    forbid_core_dumps()  # the password and the private keys pass through this process
     logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.INFO,
                         format="mandos-password-agent: %(message)s", stream=sys.stderr)
     stopsignal.install()

@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
+from mandos_protocol.coredump import forbid_core_dumps
 from password_agent import stopsignal
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    forbid_core_dumps()  # new private keys and the disk password pass through this process
     # SIGTERM and SIGHUP are recorded and acted on after the gpg step under way, so that the
     # temporary GnuPG home with the new secret key is removed (by default they would kill us
     # at once and leave it).  SIGINT stays KeyboardInterrupt: it must end a password prompt.

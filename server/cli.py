@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mandos_protocol.coredump import forbid_core_dumps
 from server.config import ConfigError, load_server_settings
 from server.daemon import Daemon
 from server.journal import DEBUG, DEFAULT_SOCKET, INFO, LEVELS, Event, Journal
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    forbid_core_dumps()  # every client's secret blob is in this process's memory
     overrides = {
         name: getattr(options, name)
         for name in ("interface", "address", "port", "debug", "debuglevel", "priority",
