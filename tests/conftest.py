@@ -17,6 +17,7 @@ from tests.peers.agent import AgentHarness
 from tests.peers.ask import AskNamespace
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import JOURNALD, PrivateJournal
+from tests.peers.leaks import WATCH, ProcessSampler
 from tests.peers.netns import VethPair
 
 #: Programs the peers need; ./dev setup installs every one of them.
@@ -39,6 +40,29 @@ def _peers_present() -> None:
     if missing:
         pytest.fail(f"missing peer programs {', '.join(missing)}: run ./dev setup",
                     pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secret_sampler() -> Iterator[None]:
+    """The argv and environment of every process, read all along the session for the secret
+    scan (:mod:`tests.peers.leaks`)."""
+    sampler = ProcessSampler()
+    sampler.start()
+    yield
+    sampler.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The secret scan judges what the whole session scanned: its module runs last."""
+    items.sort(key=lambda item: item.path.name == "test_secret_scan.py")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Every test's captured output (stdout, stderr, log records) goes through the secret
+    scan."""
+    for name, content in report.sections:
+        WATCH.scan("captured output", f"{report.nodeid} ({name})",
+                   content.encode("utf-8", "surrogateescape"))
 
 
 @pytest.fixture

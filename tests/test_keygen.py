@@ -35,6 +35,7 @@ from password_agent.keygen_openpgp import armor_body
 from password_agent.keygen_tls import key_id_of_pem
 from tests.conftest import UpstreamClient
 from tests.peers.agent import processes_left
+from tests.peers.leaks import WATCH
 from tests.peers.upstream import (
     MANDOS_KEYGEN,
     KeySet,
@@ -46,6 +47,7 @@ from tests.peers.upstream import (
 KEY_FILES = ("seckey.txt", "pubkey.txt", "tls-privkey.pem", "tls-pubkey.pem")
 PASSWORD = b" the disk password, with spaces \xc3\xa9 "
 NAME = "client.example"
+WATCH.password("test_keygen PASSWORD", PASSWORD)
 
 
 def keygen(args: Sequence[str], *, stdin: bytes | None = None,
@@ -151,6 +153,7 @@ def our_section(our_keys: KeySet, module_dir: Path) -> str:
     result = keygen(["-d", str(our_keys.directory), "-n", NAME, "-F", str(passfile), "-S"])
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
+    WATCH.blob("our keygen's section", section_secret(result.stdout.decode()))
     return result.stdout.decode()
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tests.peers.leaks import WATCH
 from tests.peers.upstream import KeySet
 
 
@@ -113,12 +114,14 @@ class AgentHarness:
         for run in self.runs:
             run.stop()
         for run in self.runs:
+            WATCH.scan_file("log", run.log_path)
             assert self.password not in run.log_path.read_bytes(), "the password is in the log"
         if self.run_directory.exists():
             leftovers = [path.name for path in self.run_directory.iterdir()
                          if path.name != "answered"]
             assert leftovers == [], f"left behind in the run directory: {leftovers}"
             answered = self.run_directory / "answered"
+            WATCH.scan_file("state file", answered)
             if answered.exists():
                 assert self.password not in answered.read_bytes()
 

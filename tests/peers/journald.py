@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.peers.leaks import WATCH
+
 JOURNALD = "/lib/systemd/systemd-journald"
 
 _START_TIMEOUT = 10.0
@@ -116,10 +118,17 @@ class PrivateJournal:
                 )
             time.sleep(0.05)
 
+    def _scan_for_secrets(self) -> None:
+        """Every entry, every field (``-o export``), for the secret scan."""
+        result = subprocess.run(["journalctl", f"--directory={self.directory}", "-o", "export",
+                                 "--no-pager"], capture_output=True, timeout=30)
+        WATCH.scan("journal entries", f"private journald {self.pid}", result.stdout)
+
     def stop(self) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
+            self._scan_for_secrets()
             self.process.terminate()
             try:
                 self.process.wait(5)

@@ -21,6 +21,7 @@ from types import TracebackType
 
 from mandos_protocol.gnutls import Credentials, Priority, Session
 from mandos_protocol.wire import PROTOCOL_LINE
+from tests.peers.leaks import WATCH
 from tests.peers.upstream import KeySet, free_port, listening_ports
 
 SERVER = [sys.executable, "-m", "server"]
@@ -95,6 +96,8 @@ class JournalSink:
         self._running = False
         self._thread.join()
         self.socket.close()
+        with self._lock:
+            WATCH.scan("journal entries", f"journal sink {self.path}", b"".join(self.raw))
 
 
 class OurServer:
@@ -137,17 +140,18 @@ class OurServer:
         return argv + self.extra_args
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None,
-              pass_fds: Sequence[int] = ()) -> OurServer:
-        """Start the server (``env``: extra environment variables) and, with ``wait``, wait
-        until it listens and has logged server-started to the journal sink (or, when
-        ``--journal-socket`` is among the extra arguments, until it listens)."""
+              pass_fds: Sequence[int] = (), cwd: Path = REPO) -> OurServer:
+        """Start the server (``env``: extra environment variables; ``cwd``: its working
+        directory, where a core file would go) and, with ``wait``, wait until it listens and
+        has logged server-started to the journal sink (or, when ``--journal-socket`` is among
+        the extra arguments, until it listens)."""
         if self.journal is None:
             self.journal = JournalSink(self.directory)
         env = {**os.environ, "MANDOS_JOURNAL_SOCKET": str(self.journal.path),
                "PYTHONPATH": str(REPO), **(env or {})}
         with open(self.stderr_path, "ab") as stderr:
             self.process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
-                                            stdout=stderr, stderr=stderr, env=env, cwd=REPO,
+                                            stdout=stderr, stderr=stderr, env=env, cwd=cwd,
                                             pass_fds=pass_fds)
         if wait:
             self.wait_listening()
@@ -197,6 +201,8 @@ class OurServer:
             if self.journal is not None:
                 self.journal.close()
                 self.journal = None
+            WATCH.scan_file("log", self.stderr_path)
+            WATCH.scan_tree("state file", self.statedir)
             if self.owns_directory:
                 shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.peers.dbus import PrivateSystemBus
+from tests.peers.leaks import WATCH
 
 MANDOS = "/usr/sbin/mandos"
 MANDOS_KEYGEN = "/usr/sbin/mandos-keygen"
@@ -77,6 +78,8 @@ class KeySet:
         directory = Path(directory)
         tls_pubkey = directory / "tls-pubkey.pem"
         der = _spki_der_from_pem(tls_pubkey.read_bytes())
+        for private in ("seckey.txt", "tls-privkey.pem"):
+            WATCH.private_key_file(f"{directory}/{private}", directory / private)
         return cls(
             directory=directory,
             pubkey=directory / "pubkey.txt",
@@ -126,6 +129,8 @@ def upstream_section(keys: KeySet, name: str, password: bytes) -> str:
     printed = _parse_section(section).get("key_id", "")
     if printed.upper().replace(" ", "") != keys.key_id:
         raise AssertionError(f"mandos-keygen printed key_id {printed!r}, expected {keys.key_id}")
+    WATCH.password(name, password)
+    WATCH.blob(name, section_secret(section))
     return section
 
 
