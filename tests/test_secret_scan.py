@@ -145,9 +145,9 @@ def test_dbus_properties_readable_by_a_non_root_caller_hold_no_secret(
 def test_no_secret_in_any_log_journal_state_file_argv_or_environment(
         pytestconfig: pytest.Config) -> None:
     """Last of the whole suite: what every test registered and scanned on the way."""
-    kinds = ("log", "journal entries", "state file", "argv", "environment", "D-Bus property")
+    kinds = ["log", "journal entries", "state file", "argv", "environment", "D-Bus property"]
     if pytestconfig.getoption("capture") != "no":
-        kinds += ("captured output",)
+        kinds.append("captured output")
     counts = {kind: WATCH.scanned[kind] for kind in kinds}
     print(f"secret scan: {len(WATCH.labels())} secrets; scanned {counts}; "
           f"{len(WATCH.leaks)} leaks")
