@@ -1,13 +1,12 @@
 """Unit tests of the password agent's parts that need no network peer: ask-file parsing and
 rules (against real files and sockets), the kernel command line, ``--connect`` parsing, the
-record of answers sent, the datagram reply, and the systemd units (``systemd-analyze verify``)."""
+datagram reply, and the systemd units (``systemd-analyze verify``)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from password_agent.answered import AnsweredRecord
 from password_agent.asks import AskRequest, Ignored, load_request, parse_ask
 from password_agent.cli import build_parser, config_from_arguments
 from password_agent.cmdline import KernelOptions, parse_cmdline
@@ -274,32 +272,6 @@ def test_parse_connect_rejects(text: str) -> None:
 def test_server_str_brackets_ipv6() -> None:
     assert str(Server("fe80::1%eth0", 1)) == "[fe80::1%eth0]:1"
     assert str(Server("10.0.0.1", 2)) == "10.0.0.1:2"
-
-
-# --- record of answers sent -----------------------------------------------------------------
-
-def test_answered_record_persists_only_keyed_hashes(tmp_path: Path) -> None:
-    path = tmp_path / "answered"
-    password = b"correct horse battery staple"
-    first = AnsweredRecord(path)
-    assert not first.contains("cryptsetup:/dev/a", password)
-    first.add("cryptsetup:/dev/a", password)
-    assert first.contains("cryptsetup:/dev/a", password)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    content = path.read_bytes()
-    assert password not in content
-    assert password.hex().encode() not in content
-    second = AnsweredRecord(path)  # a restarted agent
-    assert second.contains("cryptsetup:/dev/a", bytearray(password))
-    assert not second.contains("cryptsetup:/dev/b", password)
-    assert not second.contains("cryptsetup:/dev/a", b"another password")
-
-
-def test_answered_record_without_a_usable_file_still_remembers(tmp_path: Path) -> None:
-    record = AnsweredRecord(tmp_path / "missing-dir" / "answered")
-    assert record.path is None
-    record.add("cryptsetup:x", b"pw")
-    assert record.contains("cryptsetup:x", b"pw")
 
 
 # --- reply ----------------------------------------------------------------------------------
