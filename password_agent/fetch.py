@@ -104,7 +104,7 @@ def _connect(server: Server, exchange: _Exchange) -> socket.socket:
     raise AgentError(f"cannot connect to {server}: {reason}")
 
 
-def _receive_blob(session: Session) -> Callable[[], bytes]:
+def _receive_blob(session: Session, server: Server) -> Callable[[], bytes]:
     """A non-blocking call collecting the blob until close_notify; past MAX_BLOB bytes it
     fails at once instead of reading on."""
     chunks: list[bytes] = []
@@ -115,7 +115,7 @@ def _receive_blob(session: Session) -> Callable[[], bytes]:
         while chunk := session.recv():
             total += len(chunk)
             if total > MAX_BLOB:
-                raise AgentError(f"the server sent more than {MAX_BLOB} bytes; a real blob "
+                raise AgentError(f"{server} sent more than {MAX_BLOB} bytes; a real blob "
                                  "is under 2 KiB")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -137,7 +137,8 @@ def fetch_blob(server: Server, credentials: Credentials, priority: Priority, wai
             with Session.for_mandos_client(fd, credentials, priority,
                                            nonblocking=True) as session:
                 exchange.drive(session.handshake, fd, lambda: session.want_write)
-                blob = exchange.drive(_receive_blob(session), fd, lambda: session.want_write)
+                blob = exchange.drive(_receive_blob(session, server), fd,
+                                      lambda: session.want_write)
                 with contextlib.suppress(ProtocolError, BlockingIOError):
                     # The blob is complete; the server may have gone already.
                     session.bye(wait_for_peer=False)
