@@ -25,6 +25,9 @@ MAX_ASK_SIZE = 64 * 1024
 #: The requests a disk unlock makes (systemd-cryptsetup writes ``Id=cryptsetup:<device>``).
 CRYPTSETUP_PREFIX = "cryptsetup:"
 
+#: The kernel's PID_MAX_LIMIT: no process id is larger (and os.kill() cannot take much larger).
+PID_MAX = 1 << 22
+
 #: Keys whose duplicates make a request ambiguous.
 _SINGLE_KEYS = ("PID", "Socket", "NotAfter", "Id")
 
@@ -136,7 +139,8 @@ def socket_problem(socket_path: str, directory: Path) -> str | None:
     AF_UNIX socket (not a symlink) directly inside the agent directory."""
     if not socket_path:
         return "it has no Socket="
-    if not os.path.isabs(socket_path) or os.path.normpath(socket_path) != socket_path:
+    if ("\0" in socket_path or not os.path.isabs(socket_path)
+            or os.path.normpath(socket_path) != socket_path):
         return f"its Socket= {socket_path!r} is not a plain absolute path"
     if os.path.dirname(socket_path) != os.path.abspath(directory):
         return f"its Socket= {socket_path!r} is not inside {directory}"
@@ -176,7 +180,7 @@ def load_request(path: Path, directory: Path, *, all_requests: bool = False
         pid = int(pid_text) if pid_text is not None else 0
     except ValueError:
         pid = 0
-    if pid <= 0:
+    if not 0 < pid <= PID_MAX:
         return Ignored(path, f"its PID= {pid_text!r} is missing or not a process id")
     not_after_text = single("NotAfter") or "0"
     try:
