@@ -64,6 +64,8 @@ def _parse_rfc3339(text: str) -> datetime.timedelta | None:
                 total += int(match[1]) * _RFC3339_UNIT[token]
             except OverflowError:  # upstream crashes; we refuse below
                 return None
+            except ValueError:  # over Python's 4300 digits: upstream raises ValueError too
+                return None
         state, position = token, match.end()
     return total if "" in _FOLLOWERS[state] else None
 

@@ -24,6 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mandos_protocol.durations import MAX_DURATION, parse_duration
+from mandos_protocol.errors import ProtocolError
 from password_agent.asks import (
     MAX_ASK_SIZE,
     AskRequest,
@@ -34,6 +36,7 @@ from password_agent.asks import (
     socket_problem,
 )
 from tests.peers.ask import FakeRequester, monotonic_usec
+from tests.peers.upstream import upstream_functions
 
 pytestmark = pytest.mark.slow
 
@@ -228,3 +231,75 @@ def test_ask_file_regressions(ask_directory: tuple[Path, FakeRequester, Grammar]
     text = "\n".join(["[Ask]", *lines, "Id=cryptsetup:x", ""]).format(
         socket=requester.socket_path, pid=os.getpid())
     assert not _check_ask_file(directory, text.encode(), "file", False)
+
+
+# --- 3. durations -------------------------------------------------------------------------------
+
+#: Both of upstream's forms, valid and broken, and numbers up to past Python's 4300-digit limit.
+DURATIONS = Grammar({
+    "duration": ["{rfc}", "{words}", "{rfc}{junk}", " {words} ", "{rfc}\n", "{free}",
+                 "{words}{free}"],
+    "rfc": ["P{date}", "P{date}T{time}", "PT{time}", "P{num}W", "P{tokens}", "p{date}"],
+    "date": ["{num}D", "{num}Y", "{num}M", "{num}Y{num}M", "{num}M{num}D", "{num}Y{num}M{num}D",
+             "", "{num}Y{num}D", "{num}W{num}D"],
+    "time": ["{num}S", "{num}H", "{num}M", "{num}H{num}M", "{num}M{num}S", "{num}H{num}M{num}S",
+             "", "{num}H{num}S", "{num}W"],
+    "tokens": ["", "{token}{tokens}"],
+    "token": ["{num}", "Y", "M", "D", "W", "H", "S", "T", "{num}{unit}", "{byte}"],
+    "unit": ["Y", "M", "D", "W", "H", "S", "T"],
+    "num": ["1", "0", "{int}", "36525", "5200", "5201", "100", "101", "9" * 4300, "9" * 4301,
+            "{digits}", "-1", "+5", "1_0", " 1", "1.5", "00"],
+    "digits": ["{digit}", "{digit}{digits}"],
+    "digit": [*"0123456789", "\u0663", "\u00b2", "\uff11"],
+    "words": ["{word}", "{word} {words}", "{word}\t{words}", "{word}\n{words}"],
+    "word": ["{num}{wunit}", "{num}", "{wunit}", "{num}{wunit}{wunit}"],
+    "wunit": ["s", "m", "h", "d", "w", "S", "x", "{byte}"],
+})
+
+_UPSTREAM = upstream_functions("string_to_delta", "rfc3339_duration_to_delta")
+
+
+def upstream_duration(text: str) -> datetime.timedelta | None:
+    """Upstream's duration for ``text``, or None where upstream raises (whatever it raises)."""
+    try:
+        delta: datetime.timedelta = _UPSTREAM["string_to_delta"](text)
+    except Exception:
+        return None
+    return delta
+
+
+@pytest.mark.timeout(120)
+def test_durations_10000_cases() -> None:
+    """Every text parses to upstream's value (up to 100 years), or ProtocolError where upstream
+    refuses it or its value is longer than that; nothing else is raised."""
+    verdicts = {"accepted": 0, "refused": 0, "over 100 years": 0}
+
+    @FUZZ
+    @given(cases(24))
+    def check(case: tuple[bytes, str]) -> None:
+        text = DURATIONS.expand("duration", *case)
+        expected = upstream_duration(text)
+        try:
+            delta = parse_duration(text)
+        except ProtocolError as error:
+            assert one_line(str(error).replace(repr(text), ""))
+            if expected is not None:  # the one deliberate difference
+                assert expected > MAX_DURATION and "longer than 100 years" in str(error)
+                verdicts["over 100 years"] += 1
+            else:
+                verdicts["refused"] += 1
+            return
+        assert delta == expected and delta <= MAX_DURATION
+        verdicts["accepted"] += 1
+
+    check()
+    print(f"durations: {verdicts}")
+
+
+@pytest.mark.parametrize("text", ["P" + "9" * 4301 + "D", "PT1H" + "1" * 5000 + "M"])
+def test_duration_regressions(text: str) -> None:
+    """Found by the test above: more than 4300 digits made int() raise ValueError out of the
+    RFC 3339 form (upstream raises ValueError there too, and so refuses the value)."""
+    assert upstream_duration(text) is None
+    with pytest.raises(ProtocolError, match="invalid duration"):
+        parse_duration(text)
