@@ -24,7 +24,7 @@ from mandos_protocol.notify import Notifier
 from server import systemd
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
-from server.journal import ERR, WARNING, Event, Journal
+from server.journal import ERR, NOTICE, WARNING, Event, Journal
 from server.listener import Listener, adopt_socket, bind_socket
 from server.statefile import StateFile
 
@@ -83,6 +83,12 @@ class Daemon:
         except ProtocolError as error:
             raise ConfigError(f"priority: {error}") from None
         self.configs = load_clients(self.settings.clients_conf)
+        leftovers = self.statefile.remove_leftovers()
+        if leftovers:
+            self.journal.event(Event.STATE_PROBLEM,
+                               f"Removed {leftovers} temporary file(s) beside "
+                               f"{self.statefile.path}: a write was interrupted (the server "
+                               "was killed); the state file itself is whole", priority=NOTICE)
         if self.settings.use_dbus:
             from server.dbus_api import AdminService  # lazy: dbus-fast only with D-Bus on
 

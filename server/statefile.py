@@ -150,6 +150,11 @@ class StateFile:
         #: Why the file could not be used, if it was damaged: every client starts disabled.
         self.damage: str | None = None
 
+    def remove_leftovers(self) -> int:
+        """Remove the temporary files that a server killed while writing left (only one
+        server uses a state directory); returns how many."""
+        return durable.remove_leftovers(self.path)
+
     def load(self) -> dict[str, SavedClient]:
         """The saved clients; {} if there is no file.  A damaged file is moved aside and
         :attr:`damage` says why (:meth:`restore` then disables every client);

@@ -1,0 +1,219 @@
+"""The server under faults: SIGKILL at random moments, a full disk, a read-only state
+directory, no journal, the system bus going away, a hanging checker, a garbage clients.conf.
+
+Each test drives the real server (``tests.peers.ours``) with real peers: a private dbus-daemon,
+a real systemd-journald, tmpfs mounts of the test's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inotify_simple import INotify, flags
+
+from mandos_protocol.errors import ProtocolError
+from server.statefile import FILENAME, StateFile
+from tests.conftest import Keys
+from tests.peers.dbus import PrivateSystemBus
+from tests.peers.ours import OurServer, clients_conf, fetch, set_options
+from tests.peers.upstream import section_secret
+
+CRASHES = 200
+
+
+def _temporaries(statedir: Path) -> set[str]:
+    """The temporary files of the state file's writes (``mandos_protocol.durable``)."""
+    return {name for name in os.listdir(statedir)
+            if name.startswith(f".{FILENAME}.") and name.endswith(".tmp")}
+
+
+def _padding(count: int) -> list[str]:
+    """Disabled clients that only make the state file bigger (a longer write to hit)."""
+    sections = []
+    for number in range(count):
+        key_id = os.urandom(32).hex()
+        secret = base64.b64encode(os.urandom(300)).decode()
+        sections.append(f"[pad{number}]\nkey_id = {key_id}\nsecret = {secret}\nenabled = no\n")
+    return sections
+
+
+def _set_enabled(bus: PrivateSystemBus, client: str, value: bool) -> bool:
+    """Set a client's ``Enabled`` over D-Bus as an admin's tool does; whether it took."""
+    result = subprocess.run(
+        ["dbus-send", "--system", "--print-reply", "--reply-timeout=1000",
+         "--dest=se.recompile.Mandos", f"/clients/{client}",
+         "org.freedesktop.DBus.Properties.Set", "string:se.recompile.Mandos.Client",
+         "string:Enabled", f"variant:boolean:{'true' if value else 'false'}"],
+        env=bus.environment(), capture_output=True, timeout=5, check=False)
+    return result.returncode == 0
+
+
+class Load:
+    """Unlocks of ``foo`` and D-Bus toggles of ``bar`` in a thread, while the server is killed
+    and restarted under it."""
+
+    def __init__(self, keys: Keys, server: OurServer, bus: PrivateSystemBus) -> None:
+        self.keys = keys
+        self.server = server
+        self.bus = bus
+        self.blob = section_secret(keys.foo_section)
+        self.fetched = 0
+        self.toggled = 0
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        enable = False
+        for turn in itertools.count():
+            if not self._running:
+                return
+            try:
+                if fetch(self.keys.foo, "127.0.0.1", self.server.port, 2.0) == self.blob:
+                    self.fetched += 1
+            except (OSError, ProtocolError):
+                pass  # the server is down or was killed mid-request
+            if turn % 3 == 0 and _set_enabled(self.bus, "bar", enable):
+                self.toggled += 1
+                enable = not enable
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+
+@dataclass
+class Observed:
+    """What the state files seen after the kills held, to check each one against the last."""
+
+    created: dict[str, str] = field(default_factory=dict)
+    last_secret_sent: str = ""
+    previous: bytes | None = None
+    unchanged: int = 0
+    changed: int = 0
+    #: The temporary files that kills inside a write left.
+    left: set[str] = field(default_factory=set)
+
+    def check(self, statedir: Path, names: set[str]) -> None:
+        """The state file after a kill: whole, every client in it, nothing gone back."""
+        temporaries = _temporaries(statedir)
+        assert len(temporaries) <= 1, f"temporary files pile up: {sorted(temporaries)}"
+        self.left |= temporaries
+        assert not list(statedir.glob(f"{FILENAME}.damaged-*"))
+        path = statedir / FILENAME
+        if not path.exists():
+            assert self.previous is None, "the state file vanished"
+            return
+        data = path.read_bytes()
+        warnings: list[str] = []
+        statefile = StateFile(statedir, warnings.append)
+        saved = statefile.load()
+        assert statefile.damage is None, statefile.damage
+        assert set(saved) == names
+        document = json.loads(data)
+        for name in names:
+            created = document["clients"][name]["state"]["created"]
+            assert self.created.setdefault(name, created) == created, "a client started afresh"
+        sent = document["clients"]["foo"]["state"]["last_secret_sent"] or ""
+        assert sent >= self.last_secret_sent, "the state went back in time"
+        self.last_secret_sent = sent
+        if data == self.previous:
+            self.unchanged += 1
+        else:
+            self.changed += 1
+        self.previous = data
+
+
+def _wait_for_creations(inotify: INotify, count: int, timeout: float) -> bool:
+    """Wait until ``count`` temporary state files have been created; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while count > 0:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        for event in inotify.read(timeout=int(remaining * 1000) + 1):
+            if event.name.startswith(f".{FILENAME}.") and event.name.endswith(".tmp"):
+                count -= 1
+    return True
+
+
+def test_200_sigkills_at_random_moments_leave_a_whole_state_file(
+        keys: Keys, private_bus: PrivateSystemBus, tmp_path: Path) -> None:
+    """SIGKILL while unlocks, checkers and D-Bus toggles keep changing the state: a quarter
+    of the kills at a random moment of the start, a quarter at a random moment of serving,
+    half a few milliseconds after a write of the state file began (inotify).  After every kill
+    the state file is whole (it loads, holds every client, none started afresh, no timestamp
+    went back), never the damaged path; left temporary files are removed at the next start."""
+    rng = random.Random(os.environ.get("MANDOS_TEST_SEED"))
+    foo = set_options(keys.foo_section, interval="1s", timeout="3s")
+    bar = set_options(keys.bar_section, checker="/bin/false", interval="1s", timeout="2s")
+    conf = clients_conf(foo, bar, *_padding(40))
+    names = {"foo", "bar", *(f"pad{number}" for number in range(40))}
+    server = OurServer(conf, directory=tmp_path, use_dbus=True)
+    observed = Observed()
+    phases = ["start"] * (CRASHES // 4) + ["serving"] * (CRASHES // 4) \
+        + ["first write", "later write"] * (CRASHES // 4)
+    rng.shuffle(phases)
+    load = Load(keys, server, private_bus)
+    inotify = INotify()
+    inotify.add_watch(server.statedir, flags.CREATE)
+    started = time.monotonic()
+    try:
+        load.start()
+        for phase in phases:
+            before = len(server.journal.find("server-started")) if server.journal else 0
+            inotify.read(timeout=0)
+            server.start(wait=False, env=private_bus.environment())
+            assert server.process is not None and server.journal is not None
+            if phase == "start":
+                time.sleep(rng.uniform(0.0, 0.35))
+            elif phase == "serving":
+                server.journal.wait_for("server-started", count=before + 1)
+                time.sleep(rng.uniform(0.0, 0.5))
+            else:
+                writes = 1 if phase == "first write" else 2
+                assert _wait_for_creations(inotify, writes, 10.0), server.stderr()
+                time.sleep(rng.uniform(0.0, 0.002))
+            assert server.process.poll() is None, server.stderr()
+            server.process.kill()
+            server.process.wait(10)
+            server.process = None
+            observed.check(server.statedir, names)
+        # A last clean start and stop: the leftovers are gone, the state is saved.
+        load.stop()
+        server.start(env=private_bus.environment())
+        assert server.stop() == 0
+        elapsed = time.monotonic() - started
+        observed.check(server.statedir, names)
+        assert not _temporaries(server.statedir)
+        assert server.journal is not None
+        problems = server.journal.find("state-problem")
+        assert not [p for p in problems if "damaged" in p["MESSAGE"]]
+        removed = sum(int(match.group(1)) for p in problems
+                      if (match := re.match(r"Removed (\d+) temporary", p["MESSAGE"])))
+        assert removed == len(observed.left)
+        assert "Traceback" not in server.stderr()
+    finally:
+        load.stop()
+        inotify.close()
+        server.close()
+    print(f"{CRASHES} SIGKILLs in {elapsed:.1f} s: {len(observed.left)} inside a write "
+          f"(a temporary file left, removed at the next start), {observed.changed} new state "
+          f"files, {observed.unchanged} unchanged, {load.fetched} unlocks, {load.toggled} "
+          "D-Bus toggles")
+    assert len(observed.left) >= CRASHES // 10
+    assert load.fetched > CRASHES and load.toggled > CRASHES // 4
