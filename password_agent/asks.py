@@ -28,6 +28,10 @@ CRYPTSETUP_PREFIX = "cryptsetup:"
 #: The kernel's PID_MAX_LIMIT: no process id is larger (and os.kill() cannot take much larger).
 PID_MAX = 1 << 22
 
+#: systemd writes NotAfter= as an unsigned 64-bit number; a larger one is not a time, and one
+#: beyond a float's range would crash the arithmetic of the waits.
+NOT_AFTER_MAX = (1 << 64) - 1
+
 #: Keys whose duplicates make a request ambiguous.
 _SINGLE_KEYS = ("PID", "Socket", "NotAfter", "Id")
 
@@ -187,7 +191,7 @@ def load_request(path: Path, directory: Path, *, all_requests: bool = False
         not_after = int(not_after_text)
     except ValueError:
         not_after = -1
-    if not_after < 0:
+    if not 0 <= not_after <= NOT_AFTER_MAX:
         return Ignored(path, f"its NotAfter= {not_after_text!r} is not a time")
     request_id = single("Id")
     if not all_requests and not (request_id or "").startswith(CRYPTSETUP_PREFIX):
