@@ -22,8 +22,10 @@ compares the touched clients' properties with what it last announced, emitting t
 snapshots instead of hooking every assignment keeps the client state machine free of D-Bus.
 
 The server runs without D-Bus when there is no system bus or the name is taken: a warning,
-never a failure.  (This module deliberately does not use ``from __future__ import
-annotations``: dbus-fast reads the D-Bus signatures from the evaluated annotations.)
+never a failure.  So it does when the bus goes away under it (upstream's server exits then):
+one warning, and unlocks go on; the admin interface is back after a restart of the server.
+(This module deliberately does not use ``from __future__ import annotations``: dbus-fast
+reads the D-Bus signatures from the evaluated annotations.)
 """
 
 import asyncio
@@ -427,6 +429,8 @@ class AdminService:
         self.objects: dict[str, ClientObject] = {}
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.Handle | None = None
+        self._closing = False
+        self._watch = asyncio.get_running_loop().create_task(self._watch_bus())
         bus.export("/", self.root)
 
     @classmethod
@@ -450,6 +454,19 @@ class AdminService:
                           "is taken (is another Mandos server running?)", priority=WARNING)
             return None
         return cls(bus, clients, journal)
+
+    async def _watch_bus(self) -> None:
+        """Say once, as a warning, that the bus went away (the server serves on)."""
+        try:
+            await self.bus.wait_for_disconnect()
+            reason = "the connection was closed"
+        except Exception as error:  # how dbus-fast reports a lost connection
+            reason = " ".join(str(error).split()) or type(error).__name__
+        if not self._closing:
+            self.journal.event(Event.SERVER_ERROR,
+                               f"Lost the D-Bus system bus ({reason}): no admin interface "
+                               "(mandos-ctl, mandos-monitor) until the server is restarted; "
+                               "serving on", priority=WARNING)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -567,6 +584,8 @@ class AdminService:
 
     def close(self) -> None:
         """Withdraw every object (as upstream does at exit) and leave the bus."""
+        self._closing = True
+        self._watch.cancel()
         self._stop_observing()
         if self.bus.connected:
             for name in list(self.objects):

@@ -217,3 +217,26 @@ def test_200_sigkills_at_random_moments_leave_a_whole_state_file(
           "D-Bus toggles")
     assert len(observed.left) >= CRASHES // 10
     assert load.fetched > CRASHES and load.toggled > CRASHES // 4
+
+
+def test_the_system_bus_going_away_is_a_warning_and_serving_goes_on(
+        keys: Keys, private_bus: PrivateSystemBus) -> None:
+    """The dbus-daemon stops under a running server (upstream's server exits then): one
+    warning that says what is lost, unlocks go on, SIGTERM still stops cleanly."""
+    blob = section_secret(keys.foo_section)
+    server = OurServer(clients_conf(keys.foo_section), use_dbus=True)
+    try:
+        server.start(env=private_bus.environment())
+        assert server.journal is not None
+        assert _set_enabled(private_bus, "foo", True)
+        private_bus.stop()
+        lost = server.journal.wait_for("server-error")
+        assert lost[0]["PRIORITY"] == "4", lost
+        assert "system bus" in lost[0]["MESSAGE"] and "\n" not in lost[0]["MESSAGE"]
+        assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+        server.journal.wait_for("secret-sent")
+        assert server.stop() == 0
+        assert len(server.journal.find("server-error")) == 1
+        assert "Traceback" not in server.stderr(), server.stderr()
+    finally:
+        server.close()
