@@ -39,6 +39,7 @@ from password_agent.errors import AgentError
 from password_agent.fetch import FETCH_TIMEOUT, Wait, fetch_blob
 from password_agent.gnupghome import remove_stale_homes
 from password_agent.keyfiles import KeyFiles
+from password_agent.race import Outcome, race
 from password_agent.reply import send_password
 from password_agent.rundir import hold, private_directory
 from password_agent.servers import Interfaces, Server, find_servers, wait_for_interfaces
@@ -85,16 +86,6 @@ class _Deadline:
     @property
     def passed(self) -> bool:
         return self.at is not None and time.monotonic() >= self.at
-
-
-def _fetch_waiter(watcher: RequestWatcher) -> Wait:
-    """The fetch's waits: on the socket and on the requests together, so that a request
-    that goes away (or SIGTERM) ends the fetch at once instead of at its deadline."""
-    def wait(fd: int, write: bool, seconds: float) -> None:
-        watcher.wait_for_socket(fd, write=write, timeout=seconds)
-        if not watcher.pending:
-            raise AgentError("no request is pending any more; fetch abandoned")
-    return wait
 
 
 class Agent:
@@ -241,8 +232,8 @@ class Agent:
 
     def _fetch_password(self, watcher: RequestWatcher, deadline: _Deadline
                         ) -> bytearray | None:
-        """One round over the servers; the first password decrypted, or None."""
-        assert self._credentials is not None and self._priority is not None
+        """One round over the servers, asked at once but staggered (:mod:`race`); the first
+        password decrypted, or None."""
         try:
             servers = find_servers(self.config.connect, self.config.interfaces.only,
                                    deadline.left(BROWSE_SECONDS))
@@ -252,33 +243,47 @@ class Agent:
         except Exception as error:  # a network hiccup must not end the agent
             log.warning("Zeroconf browsing failed: %s", error)
             return None
-        for server in servers:
-            watcher.poll()
-            if not watcher.pending or deadline.passed:
-                return None
-            try:
-                blob = fetch_blob(server, self._credentials, self._priority,
-                                  _fetch_waiter(watcher),
-                                  timeout=max(0.1, deadline.left(FETCH_TIMEOUT)))
-            except AgentError as error:
-                log.info("%s", error)
-                continue
-            if not blob:
-                log.info("%s refused: it sent nothing (unknown key, disabled, or not "
-                         "approved)", server)
-                continue
-            log.info("%s sent %d bytes", server, len(blob))
-            try:
-                password = self._gnupg_home().decrypt(blob)
-            except AgentError as error:
-                log.warning("%s: %s", server, error)
-                self._close_decryptor()  # the next attempt starts over with a fresh home
-                continue
-            if stopsignal.received() is not None:  # a stop during the decryption wins
-                password[:] = bytes(len(password))
-                stopsignal.check()
-            return password
+
+        def fetch(server: Server, wait: Wait) -> bytes:
+            assert self._credentials is not None and self._priority is not None
+            return fetch_blob(server, self._credentials, self._priority, wait,
+                              timeout=max(0.1, deadline.left(FETCH_TIMEOUT)))
+
+        def wait(fd: int, seconds: float) -> None:
+            watcher.wait_for_socket(fd, write=False, timeout=seconds)
+
+        def keep_going() -> bool:
+            return bool(watcher.pending) and not deadline.passed
+
+        outcomes = race(servers, fetch, wait, keep_going)
+        try:
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    log.info("%s", outcome.error)
+                elif not outcome.blob:
+                    log.info("%s refused: it sent nothing (unknown key, disabled, or not "
+                             "approved)", outcome.server)
+                elif (password := self._decrypt(outcome)) is not None:
+                    return password
+        finally:
+            outcomes.close()  # abandons the servers still being asked
+        if not watcher.pending:
+            log.info("no request is pending any more; fetch abandoned")
         return None
+
+    def _decrypt(self, outcome: Outcome) -> bytearray | None:
+        """The password in ``outcome``'s blob, or None (logged) if it does not decrypt."""
+        log.info("%s sent %d bytes", outcome.server, len(outcome.blob))
+        try:
+            password = self._gnupg_home().decrypt(outcome.blob)
+        except AgentError as error:
+            log.warning("%s: %s", outcome.server, error)
+            self._close_decryptor()  # the next attempt starts over with a fresh home
+            return None
+        if stopsignal.received() is not None:  # a stop during the decryption wins
+            password[:] = bytes(len(password))
+            stopsignal.check()
+        return password
 
     def _answer(self, watcher: RequestWatcher, password: bytearray) -> None:
         """Send ``password`` to every pending request it was not already sent to.

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent-directory", type=Path, default=DEFAULT_AGENT_DIRECTORY,
                         help="directory of ask.* requests (default: %(default)s)")
     parser.add_argument("--connect", action="append", default=[], metavar="ADDRESS:PORT",
-                        help="Mandos server to ask, repeatable, tried in order ([::1]:PORT "
+                        help="Mandos server to ask, repeatable, in order of preference, each "
+                             "started 0.25 s after the one before ([::1]:PORT "
                              "and fe80::1%%eth0:PORT work); default: Zeroconf browsing")
     parser.add_argument("--keydir", type=Path, default=DEFAULT_KEY_DIRECTORY,
                         help="directory of pubkey.txt, seckey.txt, tls-pubkey.pem and "

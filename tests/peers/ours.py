@@ -101,11 +101,13 @@ class JournalSink:
 
 
 class OurServer:
-    """``mandos-server`` in a temporary config and state directory, with a journal sink."""
+    """``mandos-server`` in a temporary config and state directory, with a journal sink;
+    in the network namespace ``netns`` if given."""
 
     def __init__(self, clients: str, *, address: str = "127.0.0.1", ipv6: bool = False,
                  port: int | None = None, extra_args: Sequence[str] = (),
-                 directory: Path | None = None, use_dbus: bool = False) -> None:
+                 directory: Path | None = None, use_dbus: bool = False,
+                 netns: str | None = None) -> None:
         self.owns_directory = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="mandos-test-server-"))
         self.configdir = self.directory / "conf"
@@ -114,7 +116,10 @@ class OurServer:
         self.statedir.mkdir(mode=0o700, exist_ok=True)
         self.address = address
         self.ipv6 = ipv6
-        self.port = port or free_port(address)
+        # Inside a fresh network namespace nothing else listens; any port will do.
+        self.port = port or (free_port(address) if netns is None
+                             else 49152 + os.getpid() % 10000)
+        self.netns = netns  # run via ip netns exec (it execs: the pid stays the server's)
         self.extra_args = list(extra_args)
         self.use_dbus = use_dbus  # D-Bus admin API on (give DBUS_SYSTEM_BUS_ADDRESS in env)
         self.write_clients(clients)
@@ -137,7 +142,8 @@ class OurServer:
             argv.append("--no-dbus")
         if not self.ipv6:
             argv.append("--no-ipv6")
-        return argv + self.extra_args
+        argv += self.extra_args
+        return argv if self.netns is None else ["ip", "netns", "exec", self.netns, *argv]
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None,
               pass_fds: Sequence[int] = (), cwd: Path = REPO) -> OurServer:
