@@ -8,6 +8,10 @@ included: connections are closed, checkers stopped, the state saved.
 State changes are saved in batches (see :mod:`server.statefile` for the durability trade-off):
 the first change schedules one write ``SAVE_DELAY`` later, snapshot on the loop, disk work in
 a worker thread, at most one write in flight; the systemd STATUS line is refreshed then too.
+A write that fails (a full disk, a read-only file system) leaves the old file whole; the server
+serves on, says so once at ``err`` (and in STATUS=) rather than at every change, tries again
+every ``SAVE_RETRY`` seconds and at every change, and says when a write succeeds again.
+Refusing to serve would keep every machine from booting for want of a few bytes of bookkeeping.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ if TYPE_CHECKING:  # imported lazily at run time: python-zeroconf and dbus-fast 
 
 #: Seconds from a state change to the write that saves it (and every change made meanwhile).
 SAVE_DELAY = 0.5
+#: Seconds from a failed write to the next try, if no change asks for one sooner.
+SAVE_RETRY = 10.0
 
 
 class Daemon:
@@ -51,6 +57,8 @@ class Daemon:
         self.dbus: AdminService | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Future[None] | None = None
+        #: Why the last write of the state failed; None once one succeeds.
+        self._save_failure: str | None = None
         self._stop = asyncio.Event()
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -159,10 +167,15 @@ class Daemon:
 
     # -- state ------------------------------------------------------------------------------
 
-    def schedule_save(self) -> None:
-        """Save soon: one write ``SAVE_DELAY`` from now for all the changes made until then."""
-        if self._save_timer is None:
-            self._save_timer = asyncio.get_running_loop().call_later(SAVE_DELAY, self._save_later)
+    def schedule_save(self, delay: float = SAVE_DELAY) -> None:
+        """Save soon: one write ``delay`` from now (or sooner, if one is due sooner) for all the
+        changes made until then."""
+        loop = asyncio.get_running_loop()
+        if self._save_timer is not None:
+            if self._save_timer.when() <= loop.time() + delay:
+                return
+            self._save_timer.cancel()
+        self._save_timer = loop.call_later(delay, self._save_later)
 
     def _save_later(self) -> None:
         self._save_timer = None
@@ -177,8 +190,13 @@ class Daemon:
 
     def _written(self, future: asyncio.Future[None]) -> None:
         self._writing = None
-        if not future.cancelled() and future.exception() is not None:
-            self._save_failed(future.exception())
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self._save_failed(error)
+        else:
+            self._saved()
 
     async def flush(self) -> None:
         """Write the latest state now (at shutdown), after any write in flight."""
@@ -195,11 +213,32 @@ class Daemon:
             self.statefile.save(self.clients, self.configs)
         except OSError as error:
             self._save_failed(error)
+        else:
+            self._saved()
 
-    def _save_failed(self, error: BaseException | None) -> None:
-        self.journal.event(Event.STATE_PROBLEM,
-                           f"Cannot save state in {self.settings.statedir}: {error}",
-                           priority=WARNING)
+    def _save_failed(self, error: BaseException) -> None:
+        """Log the first failure of a kind at err (not every retry), and try again later."""
+        reason = (error.strerror if isinstance(error, OSError) else None) or str(error) \
+            or type(error).__name__
+        if reason != self._save_failure:
+            self.journal.event(
+                Event.STATE_PROBLEM,
+                f"Cannot save the state in {self.statefile.path}: {reason}; the file keeps the "
+                "state last saved, and a restart before a write succeeds loses the changes "
+                f"since; serving on, trying again every {SAVE_RETRY:g} s",
+                priority=ERR)
+            self._save_failure = reason
+            self._update_status()
+        if not self._stop.is_set():
+            self.schedule_save(SAVE_RETRY)
+
+    def _saved(self) -> None:
+        if self._save_failure is not None:
+            self._save_failure = None
+            self.journal.event(Event.STATE_PROBLEM,
+                               f"Saved the state in {self.statefile.path} again",
+                               priority=NOTICE)
+            self._update_status()
 
     def status_line(self) -> str:
         clients = list(self.clients)
@@ -209,6 +248,8 @@ class Daemon:
         line = f"{len(clients)} clients, {enabled} enabled"
         if self.statefile.damage is not None:
             line = f"STATE FILE DAMAGED, all clients disabled at start; {line}"
+        if self._save_failure is not None:
+            line = f"CANNOT SAVE STATE ({self._save_failure}); {line}"
         if sent:
             stamp, name = max(sent)
             line += f"; last secret sent to {name} at {stamp.strftime('%Y-%m-%d %H:%M:%S')}Z"

@@ -25,6 +25,7 @@ from mandos_protocol.errors import ProtocolError
 from server.statefile import FILENAME, StateFile
 from tests.conftest import Keys
 from tests.peers.dbus import PrivateSystemBus
+from tests.peers.mounts import fill, remount, tmpfs
 from tests.peers.ours import OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import section_secret
 
@@ -240,3 +241,75 @@ def test_the_system_bus_going_away_is_a_warning_and_serving_goes_on(
         assert "Traceback" not in server.stderr(), server.stderr()
     finally:
         server.close()
+
+
+def _one_err(entries: list[dict[str, str]], *words: str) -> dict[str, str]:
+    """The one entry among ``entries`` at priority err: one line, holding each of ``words``."""
+    errors = [entry for entry in entries if entry["PRIORITY"] == "3"]
+    assert len(errors) == 1, entries
+    message = errors[0]["MESSAGE"]
+    assert "\n" not in message and all(word in message for word in words), message
+    return errors[0]
+
+
+def test_a_full_disk_at_a_state_write_keeps_the_old_file_and_serving(
+        keys: Keys, tmp_path: Path) -> None:
+    """The state directory's file system fills up: one err entry naming the file and the
+    cause (not one per write), the old state file whole, unlocks go on; when space returns, the
+    next write succeeds and says so."""
+    blob = section_secret(keys.foo_section)
+    server = OurServer(clients_conf(keys.foo_section), directory=tmp_path)
+    with tmpfs(server.statedir, "256k"):
+        try:
+            server.start()
+            assert server.journal is not None
+            state = server.statedir / FILENAME
+            old = state.read_bytes()
+            filler = fill(server.statedir)
+            assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+            server.journal.wait_for("state-problem")
+            for _ in range(3):  # more changes, more failed writes: no more entries
+                time.sleep(0.6)
+                assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+            _one_err(server.journal.find("state-problem"), str(state), "No space left on device")
+            assert state.read_bytes() == old
+            assert sorted(os.listdir(server.statedir)) == [FILENAME, filler.name]
+            filler.unlink()
+            assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+            saved = server.journal.wait_for("state-problem", count=2)[-1]
+            assert saved["PRIORITY"] == "5" and "again" in saved["MESSAGE"], saved
+            document = json.loads(state.read_bytes())
+            assert document["clients"]["foo"]["state"]["last_secret_sent"] is not None
+            assert server.stop() == 0
+        finally:
+            server.close()
+
+
+def test_a_read_only_state_directory_is_an_error_and_serving_goes_on(
+        keys: Keys, tmp_path: Path) -> None:
+    """The state directory went read-only (say, remounted after disk errors): the server
+    starts and serves from the state it reads, one err entry says that it cannot save; a
+    3 a.m. admin wants the machines to boot, and to be told.  The file stays as it was."""
+    blob = section_secret(keys.foo_section)
+    server = OurServer(clients_conf(keys.foo_section), directory=tmp_path)
+    with tmpfs(server.statedir, "256k"):
+        try:
+            server.start()
+            assert server.stop() == 0
+            state = server.statedir / FILENAME
+            old = state.read_bytes()
+            remount(server.statedir, read_only=True)
+            server.start()
+            assert server.journal is not None
+            problem = _one_err(server.journal.wait_for("state-problem"), str(state),
+                               "Read-only file system")
+            assert "serving on" in problem["MESSAGE"]
+            assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+            server.journal.wait_for("secret-sent")
+            time.sleep(0.7)  # the write that the secret asked for fails too: no new entry
+            assert len(server.journal.find("state-problem")) == 1
+            assert server.stop() == 0
+            assert state.read_bytes() == old
+            remount(server.statedir, read_only=False)
+        finally:
+            server.close()
