@@ -9,6 +9,13 @@ root lives as long as the kernel, across service restarts and switch-root.  Any 
 same uid (in the same user namespace) can read it: it is a place that is not a file, not a
 place that hides from root.
 
+A key is read, and its expiry set, only by a process that *possesses* it: one that reaches it
+from its own thread, process or session keyring.  A service's private session keyring does not
+lead to the user keyring (``KeyringMode=shared`` would link it there), so every call first
+links the user keyring into our process keyring, which is this process's alone and goes with
+it; without that, systemd's services get ``EACCES`` (found under systemd in
+tests/vm/test_server_units.py).
+
 Errors are :class:`OSError` with the call's ``errno``; where the system calls do not exist here
 (an architecture missing from the table, a seccomp filter such as a container runtime's),
 that is ``ENOSYS`` or ``EPERM``, and the caller does without.
@@ -35,7 +42,9 @@ _SYSCALLS = {
     "powerpc64-linux-gnu": (269, 271),
     "s390x-linux-gnu": (278, 280),
 }
+_KEY_SPEC_PROCESS_KEYRING = -2
 _KEY_SPEC_USER_KEYRING = -4
+_KEYCTL_LINK = 8
 _KEYCTL_SEARCH = 10
 _KEYCTL_READ = 11
 _KEYCTL_SET_TIMEOUT = 15
@@ -48,7 +57,8 @@ _TYPE = b"user"
 def _syscall(which: int, *arguments: int | bytes | ctypes.Array[ctypes.c_char]) -> int:
     numbers = _SYSCALLS.get(getattr(sys.implementation, "_multiarch", ""))
     if numbers is None:
-        raise OSError(errno.ENOSYS, "no kernel keyring system calls known for this architecture")
+        raise OSError(errno.ENOSYS, "kernel keyring: no system call numbers known for this "
+                      "architecture")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     converted = [ctypes.c_long(argument) if isinstance(argument, int) else argument
@@ -56,7 +66,7 @@ def _syscall(which: int, *arguments: int | bytes | ctypes.Array[ctypes.c_char]) 
     result = libc.syscall(ctypes.c_long(numbers[which]), *converted)
     if result < 0:
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+        raise OSError(code, f"kernel keyring: {os.strerror(code)}")
     return int(result)
 
 
@@ -68,9 +78,15 @@ def _keyctl(*arguments: int | bytes | ctypes.Array[ctypes.c_char]) -> int:
     return _syscall(1, *arguments)
 
 
+def _possess() -> None:
+    """Make the keys in the user keyring ours to read (see the module's docstring)."""
+    _keyctl(_KEYCTL_LINK, _KEY_SPEC_USER_KEYRING, _KEY_SPEC_PROCESS_KEYRING)
+
+
 def store(description: str, payload: bytes, lifetime: int) -> None:
     """Put ``payload`` under ``description`` in the user keyring, replacing the payload of a key
     already there, to expire ``lifetime`` seconds from now."""
+    _possess()
     serial = _add_key(os.fsencode(description), payload)
     _keyctl(_KEYCTL_SET_TIMEOUT, serial, lifetime)
 
@@ -79,6 +95,7 @@ def load(description: str, size: int, lifetime: int) -> bytes | None:
     """The payload (at most ``size`` bytes) under ``description`` in the user keyring, its
     expiry pushed to ``lifetime`` seconds from now; ``None`` if there is no such key (any
     more)."""
+    _possess()
     try:
         serial = _keyctl(_KEYCTL_SEARCH, _KEY_SPEC_USER_KEYRING, _TYPE,
                          os.fsencode(description), 0)

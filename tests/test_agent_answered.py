@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -66,6 +67,44 @@ def test_a_restarted_agent_still_refuses_the_same_password_for_the_same_id(
     assert second.contains(ID, bytearray(PASSWORD))
     assert not second.contains("cryptsetup:/dev/b", PASSWORD)
     assert not second.contains(ID, b"another password")
+
+
+#: One agent's run in a process of its own, with a fresh session keyring that does not lead to
+#: the user keyring, as systemd starts every service (``KeyringMode=private``): it answers
+#: ``argv[2]`` with ``argv[3]`` unless the record says it was done, and prints what it did.
+_SERVICE_RUN = """
+import sys
+from pathlib import Path
+from password_agent import answered, keyring
+keyring._keyctl(1, 0)  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
+answered.KEY_LIFETIME = 30
+record = answered.AnsweredRecord(Path(sys.argv[1]))
+assert record.path is not None, "the record has no file"
+password = sys.argv[3].encode()
+if record.contains(sys.argv[2], password):
+    print("refused")
+else:
+    record.add(sys.argv[2], password)
+    print("sent")
+"""
+
+
+def test_agents_in_private_session_keyrings_share_the_record(tmp_path: Path) -> None:
+    """As systemd runs the agent: each start in a session keyring of its own.  The second
+    start must still find the key (it once failed with EACCES there: a key in the user
+    keyring is readable only by a process that reaches it from its own keyrings)."""
+    path = tmp_path / "answered"
+
+    def service_run(request_key: str) -> str:
+        result = subprocess.run([sys.executable, "-c", _SERVICE_RUN, str(path), request_key,
+                                 PASSWORD.decode()], capture_output=True, text=True,
+                                timeout=30, cwd=Path(__file__).resolve().parent.parent)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert service_run(ID) == "sent"
+    assert service_run(ID) == "refused"
+    assert service_run("cryptsetup:/dev/b") == "sent"
 
 
 def test_the_file_holds_no_key_that_verifies_its_hashes(tmp_path: Path) -> None:
