@@ -3,7 +3,9 @@
 Upstream refuses to touch a directory that already holds any of the four key files unless
 ``--force``; with it, each old file is kept as ``NAME.~N~`` (``cp --backup=numbered``).  We
 write every new file beside its final name first and rename it into place, so a failure
-never leaves a half-written key, and only after all keys were made.
+never leaves a half-written key, and only after all keys were made; a failure while writing
+(a full disk) leaves the old files as they were and no new one.  Temporary files that a
+killed keygen left (they may hold a secret key) are removed first.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ def install(files: dict[Path, tuple[bytes, int]]) -> None:
     staged: list[tuple[Path, Path]] = []
     try:
         for path, (contents, mode) in files.items():
-            staged.append((durable.write_temporary(path, contents, mode), path))
+            durable.remove_leftovers(path)
+            try:
+                staged.append((durable.write_temporary(path, contents, mode), path))
+            except OSError as error:
+                raise AgentError(f"cannot write the key files in {path.parent}: "
+                                 f"{error.strerror}; no key file was changed") from None
         for temporary, path in staged:
             if os.path.lexists(path):
                 os.rename(path, backup_name(path))
