@@ -133,12 +133,25 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _quoted(path: Path) -> str:
+    """A file name for a one-line message: as it is, unless it holds a line break or other
+    unprintable characters (a continuation line in the file can put one first)."""
+    return str(path) if str(path).isprintable() else repr(str(path))
+
+
 def _get(parser: configparser.ConfigParser, path: Path, section: str, key: str) -> str:
-    """An interpolated value, with interpolation errors named precisely."""
+    """An interpolated value, with interpolation errors named precisely (but never quoting
+    the ``secret``: configparser's messages quote the raw value), and without NUL characters
+    (no file name, host or command can hold one: open() and exec() raise ValueError)."""
     try:
-        return parser.get(section, key)
+        value = parser.get(section, key)
     except configparser.Error as error:
-        raise ConfigError(f"{path}: [{section}] {key}: {_one_line(error)}") from None
+        detail = ("cannot expand a % in it (write %% for a literal %)" if key == "secret"
+                  else _one_line(error))
+        raise ConfigError(f"{path}: [{section}] {key}: {detail}") from None
+    if "\0" in value:
+        raise ConfigError(f"{path}: [{section}] {key}: contains a NUL character")
+    return value
 
 
 def _boolean(parser: configparser.ConfigParser, path: Path, section: str, key: str) -> bool:
@@ -192,10 +205,10 @@ def _secret(parser: configparser.ConfigParser, path: Path, section: str) -> byte
             secret = secfile.read_bytes()
         except OSError as error:
             raise ConfigError(
-                f"{path}: [{section}] secfile: cannot read {secfile}: {error.strerror}"
+                f"{path}: [{section}] secfile: cannot read {_quoted(secfile)}: {error.strerror}"
             ) from None
         if not secret:
-            raise ConfigError(f"{path}: [{section}] secfile: {secfile} is empty")
+            raise ConfigError(f"{path}: [{section}] secfile: {_quoted(secfile)} is empty")
         return secret
     raise ConfigError(f"{path}: [{section}] secret: missing (give secret or secfile)")
 

@@ -12,11 +12,15 @@ as ``@example``\\s.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from hypothesis import strategies as st
 
 from mandos_protocol.durations import MAX_DURATION, parse_duration
 from mandos_protocol.errors import ProtocolError
+from mandos_protocol.wire import EMPTY_KEY_ID
 from password_agent.asks import (
     MAX_ASK_SIZE,
     AskRequest,
@@ -35,6 +40,8 @@ from password_agent.asks import (
     pid_alive,
     socket_problem,
 )
+from server.checker import refuse_quoted_expansion
+from server.config import DEBUG_LEVELS, ConfigError, load_clients, load_server_settings
 from tests.peers.ask import FakeRequester, monotonic_usec
 from tests.peers.upstream import upstream_functions
 
@@ -51,6 +58,17 @@ FUZZ = settings(max_examples=CASES, deadline=datetime.timedelta(seconds=1), dera
 def one_line(message: str) -> bool:
     """Whether a message fits on one log line."""
     return "\n" not in message and "\r" not in message
+
+
+@pytest.fixture
+def fast_tmp() -> Iterator[Path]:
+    """A temporary directory on tmpfs: on ext4, rewriting a file forces it to disk (the
+    replace-via-truncate heuristic), which made writing 10,000 files take most of a test."""
+    directory = Path(tempfile.mkdtemp(prefix="mandos-test-fuzz-", dir="/dev/shm"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
 
 
 # --- generating input from a grammar ------------------------------------------------------------
@@ -113,17 +131,18 @@ def cases(max_size: int = 48) -> st.SearchStrategy[tuple[bytes, str]]:
 # --- 1. ask files -----------------------------------------------------------------------------
 
 @pytest.fixture
-def ask_directory(tmp_path: Path) -> Iterator[tuple[Path, FakeRequester, Grammar]]:
+def ask_directory(fast_tmp: Path) -> Iterator[tuple[Path, FakeRequester, Grammar]]:
     """An agent directory with a real requester socket (and a symlink to it), and the grammar
     of ask files for it, with the PIDs of this process, a dead one and a zombie."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     zombie = subprocess.Popen(["true"])
     os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    directory = fast_tmp
     try:
-        with FakeRequester(tmp_path) as requester:
+        with FakeRequester(directory) as requester:
             requester.remove_ask_file()
-            (tmp_path / "link").symlink_to(requester.socket_path)
+            (directory / "link").symlink_to(requester.socket_path)
             sock, name = str(requester.socket_path), requester.socket_path.name
             now = monotonic_usec()
             grammar = Grammar({
@@ -145,16 +164,16 @@ def ask_directory(tmp_path: Path) -> Iterator[tuple[Path, FakeRequester, Grammar
                            str((1 << 22) + 1), "9" * 5000, " 7 ", "1_000", "\u0663", "0x10",
                            "1e9", "{int}{junk}", "{free}"],
                 "socket": [
-                    sock, sock + "x", str(tmp_path), f"{tmp_path}/", str(tmp_path / "ask.fuzz"),
-                    name, f"{tmp_path}/../{tmp_path.name}/{name}",
-                    f"{tmp_path}/./{name}", f"{tmp_path}//{name}", f" {sock}", "/", "",
-                    "\0", sock + "\0", str(tmp_path / "link"), "/run/nonexistent/sck.1",
-                    f"{tmp_path}/{{free}}", f"{sock}{{junk}}"],
+                    sock, sock + "x", str(directory), f"{directory}/", str(directory / "ask.fuzz"),
+                    name, f"{directory}/../{directory.name}/{name}",
+                    f"{directory}/./{name}", f"{directory}//{name}", f" {sock}", "/", "",
+                    "\0", sock + "\0", str(directory / "link"), "/run/nonexistent/sck.1",
+                    f"{directory}/{{free}}", f"{sock}{{junk}}"],
                 "id": ["cryptsetup:/dev/sda2", "cryptsetup:", "", "other:x", "Cryptsetup:x",
                        " cryptsetup:x", "cryptsetup:{free}", "{free}"],
                 "big": ["x" * MAX_ASK_SIZE, "x" * (MAX_ASK_SIZE - 100)],
             })
-            yield tmp_path, requester, grammar
+            yield directory, requester, grammar
     finally:
         zombie.wait()
 
@@ -303,3 +322,175 @@ def test_duration_regressions(text: str) -> None:
     assert upstream_duration(text) is None
     with pytest.raises(ProtocolError, match="invalid duration"):
         parse_duration(text)
+
+
+# --- 2. clients.conf and mandos.conf ----------------------------------------------------------
+
+#: The blob of every generated client section (base64 in ``secret``, raw in ``secfile``):
+#: no part of either may appear in a message.
+SECRET = hashlib.sha512(b"fuzz secret").digest()
+SECRET_BASE64 = base64.b64encode(SECRET).decode()
+SECFILE_CONTENT = hashlib.sha512(b"fuzz secfile").digest()
+KEY_IDS = [hashlib.sha256(bytes([n])).hexdigest().upper() for n in range(6)]
+
+#: What both files share: booleans, option separators, interpolations, junk lines.
+_COMMON: Mapping[str, Sequence[str]] = {
+    "eq": [" = ", "=", ":", " : ", " =\n\t", "= "],
+    "bool": ["yes", "no", "True", "false", "1", "0", "on", "off", "", "maybe", "%(x)s",
+             "{free}", "Yes{junk}"],
+    "interp": ["plain", "%(y)s", "%(x)s", "%(timeout)s", "%%", "%", "%(", "%(nokey)s", "%()s",
+               "%(x)", "{free}"],
+    "junkline": ["{junk}", "{free}", "no section header", "[unterminated", "\0", " indented",
+                 "[DEFAULT", "=value"],
+}
+
+CLIENTS_CONF = Grammar({
+    **DURATIONS.rules, **_COMMON,
+    "file": ["{defaults}{sections}", "{sections}", "{junkline}\n{sections}",
+             "{defaults}{sections}{junkline}"],
+    "defaults": ["[DEFAULT]\n{options}\n", "[DEFAULT]\nchecker = /bin/true\n{options}\n"],
+    "sections": ["{section}", "{section}{section}", "{section}{sections}"],
+    "section": ["[{name}]\n{client}{options}\n"],
+    "client": ["key_id{eq}{keyid}\nsecret{eq}{secret}\n",
+               "fingerprint{eq}{keyid}\nsecfile{eq}{secfile}\n",
+               "key_id{eq}{keyid}\nsecfile{eq}{secfile}\n", "key_id{eq}{keyid}\n",
+               "secret{eq}{secret}\n", "",
+               "key_id{eq}{keyid}\nfingerprint{eq}{keyid}\nsecret{eq}{secret}\n"],
+    "name": ["foo", "bar", "baz", "foo.example-1", "foo", "DEFAULT", "default", "", " x ",
+             "{free}", "a]b", "[x]", "{junk}"],
+    "options": ["", "{option}\n{options}"],
+    "option": ["{durkey}{eq}{duration}", "{boolkey}{eq}{bool}", "checker{eq}{checker}",
+               "host{eq}{host}", "x{eq}{interp}", "y{eq}{interp}", "secret{eq}{secret}",
+               "secfile{eq}{secfile}", "key_id{eq}{keyid}", "fingerprint{eq}{keyid}",
+               "KEY_ID{eq}{keyid}", "{durkey}{eq}{interp}", "{free}{eq}{free}", "{junkline}",
+               "  continued {free}", "# comment {free}", "; {free}", "{option}{junk}"],
+    "durkey": ["timeout", "extended_timeout", "interval", "approval_delay",
+               "approval_duration"],
+    "boolkey": ["enabled", "approved_by_default"],
+    "checker": ["fping -q -- %%(host)s", "true", "fping %(host)s", "'%%(host)s'",
+                '"%%(host)s"', "%%(bogus)s", "%", "%%", "%(", "ssh \\'%%(host)s\\'",
+                "echo %%(host)s '\\'' %%(name)s", "{free}", "%%(host)s{junk}"],
+    "host": ["foo.example", "", "%(x)s", "{free}", "a\0b", "$(touch /nonexistent/x)"],
+    "keyid": [*KEY_IDS, EMPTY_KEY_ID, "", "XYZ", " ".join(KEY_IDS[0].lower()), "%(x)s",
+              "{free}", KEY_IDS[0][:-1] + "{byte}"],
+    "secret": [SECRET_BASE64, SECRET_BASE64 + "%", "%" + SECRET_BASE64,
+               SECRET_BASE64 + "%(x)s", "%(x)s", SECRET_BASE64 + "%(nokey)s",
+               "%(nokey)s" + SECRET_BASE64, SECRET_BASE64[:40] + "\n\t" + SECRET_BASE64[40:],
+               "", "not base64!", "====", SECRET_BASE64 + "{junk}", "%(" + SECRET_BASE64,
+               "%(secret)s" + SECRET_BASE64, SECRET_BASE64[:-1]],
+    "secfile": ["secret.bin", "@DIR@/secret.bin", "missing", "empty.bin", "dir", ".", "a\0b",
+                "~", "~nouser/x", "$HOME/x", "%(x)s", "../secret.bin", "{free}", "/dev/null",
+                "\0"],
+})
+
+
+def _no_secret_in(message: str) -> bool:
+    """Whether no 8 characters of the base64 secret, nor 8 bytes of the secfile, are in it."""
+    chunks = [SECRET_BASE64[i:i + 8] for i in range(0, len(SECRET_BASE64) - 8, 8)]
+    raw = message.encode("utf-8", "surrogateescape")
+    return (not any(chunk in message for chunk in chunks)
+            and not any(SECFILE_CONTENT[i:i + 8] in raw for i in range(0, 56, 8)))
+
+
+@pytest.mark.timeout(120)
+def test_clients_conf_10000_cases(fast_tmp: Path) -> None:
+    """Generated clients.conf files (valid sections mutated, interpolations, garbage
+    durations, secret and secfile, missing ids, duplicates, NUL bytes, non-UTF-8) load into
+    valid clients or fail with one ConfigError line that holds no secret."""
+    (fast_tmp / "secret.bin").write_bytes(SECFILE_CONTENT)
+    (fast_tmp / "empty.bin").touch()
+    (fast_tmp / "dir").mkdir()
+    path = fast_tmp / "clients.conf"
+    verdicts = {"loaded": 0, "clients": 0, "refused": 0}
+
+    @FUZZ
+    @given(cases(64))
+    def check(case: tuple[bytes, str]) -> None:
+        text = CLIENTS_CONF.expand("file", *case).replace("@DIR@", str(fast_tmp))
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        try:
+            clients = load_clients(path)
+        except ConfigError as error:
+            assert one_line(str(error)) and _no_secret_in(str(error)), str(error)
+            verdicts["refused"] += 1
+            return
+        verdicts["loaded"] += 1
+        verdicts["clients"] += len(clients)
+        for client in clients.values():
+            assert client.key_id or client.fingerprint
+            assert all(c in "0123456789ABCDEF" for c in client.key_id + client.fingerprint)
+            assert client.key_id != EMPTY_KEY_ID and client.secret
+            for delta in (client.timeout, client.extended_timeout, client.interval,
+                          client.approval_delay, client.approval_duration):
+                assert datetime.timedelta(0) <= delta <= MAX_DURATION
+            refuse_quoted_expansion(client.checker)
+        ids = [c.key_id for c in clients.values() if c.key_id]
+        assert len(ids) == len(set(ids))
+
+    check()
+    print(f"clients.conf: {verdicts}")
+
+
+MANDOS_CONF = Grammar({
+    **_COMMON,
+    "file": ["[DEFAULT]\n{options}", "{options}", "[DEFAULT]\n{options}[other]\n{options}",
+             "{junkline}\n{options}", "[DEFAULT]\n{options}[DEFAULT]\n{options}"],
+    "options": ["", "{option}\n{options}"],
+    "option": ["port{eq}{number}", "socket{eq}{number}", "{boolkey}{eq}{bool}",
+               "debuglevel{eq}{level}", "priority{eq}{priority}", "x{eq}{interp}",
+               "{textkey}{eq}{free}", "{junkline}", "{option}{junk}", "  continued {free}"],
+    "number": ["", "1", "0", "65535", "65536", "-1", "{int}", "9" * 4301, "\u0663", " 7 ",
+               "0x10", "{free}", "%(x)s"],
+    "boolkey": ["debug", "use_dbus", "use_ipv6", "restore", "foreground", "zeroconf"],
+    "level": ["", "debug", "INFO", "Warning", "critical", "error", "notice", "{free}",
+              "%(x)s", "\u00df"],
+    "priority": ["NORMAL", "SECURE128:%PROFILE_ULTRA", "%", "%(x)s", "{free}"],
+    "textkey": ["interface", "address", "statedir", "servicename", "nokey"],
+})
+
+
+@pytest.mark.timeout(120)
+def test_mandos_conf_10000_cases(fast_tmp: Path) -> None:
+    """Generated mandos.conf files give valid settings or one ConfigError line."""
+    path = fast_tmp / "mandos.conf"
+    verdicts = {"loaded": 0, "refused": 0}
+
+    @FUZZ
+    @given(cases(48))
+    def check(case: tuple[bytes, str]) -> None:
+        path.write_bytes(MANDOS_CONF.expand("file", *case).encode("utf-8", "surrogateescape"))
+        try:
+            settings = load_server_settings(fast_tmp, {})
+        except ConfigError as error:
+            assert one_line(str(error)), str(error)
+            verdicts["refused"] += 1
+            return
+        verdicts["loaded"] += 1
+        assert settings.port is None or 0 <= settings.port <= 65535
+        assert settings.socket is None or settings.socket >= 0
+        assert settings.debuglevel in ("", *DEBUG_LEVELS)
+        assert settings.foreground or not settings.debug
+
+    check()
+    print(f"mandos.conf: {verdicts}")
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    # Found by the test above: configparser's interpolation errors quote the raw value, so the
+    # secret was in the message...
+    (f"secret = {SECRET_BASE64}%(x)s", "secret: cannot expand a %"),
+    (f"secret = %{SECRET_BASE64}", "secret: cannot expand a %"),
+    # ... a NUL in secfile made open() raise ValueError, one in host or checker would have
+    # made every checker fail to start ...
+    ("secfile = a\0b", "secfile: contains a NUL character"),
+    (f"secret = {SECRET_BASE64}\nhost = a\0b", "host: contains a NUL character"),
+    # ... and a secfile continued on the next line put a line break into the message.
+    ("secfile =\n\tmissing", "secfile: cannot read '"),
+])
+def test_clients_conf_regressions(fast_tmp: Path, section: str, message: str) -> None:
+    path = fast_tmp / "clients.conf"
+    path.write_text(f"[foo]\nkey_id = {KEY_IDS[0]}\n{section}\n")
+    with pytest.raises(ConfigError) as error:
+        load_clients(path)
+    assert message in str(error.value)
+    assert one_line(str(error.value)) and _no_secret_in(str(error.value))
