@@ -452,9 +452,10 @@ def x509_only(connection: socket.socket, stop: threading.Event, outcome: Outcome
 
 @pytest.fixture(scope="module")
 def other_clients_blob(upstream_key_factory: Callable[[str], upstream.KeySet]) -> bytes:
-    """A real blob from upstream's keygen, for another client's OpenPGP key."""
-    other = upstream_key_factory("other-client")
-    return upstream.section_secret(upstream.upstream_section(other, "other", b"not for you"))
+    """A real blob from upstream's keygen, for another client's OpenPGP key (the key set
+    ``bar`` of the conftest's ``keys``)."""
+    other = upstream_key_factory("bar")
+    return upstream.section_secret(upstream.upstream_section(other, "bar", b"not for you"))
 
 
 @dataclass(frozen=True)
@@ -466,7 +467,8 @@ class ServerCase:
 
 SERVER_CASES = {
     "B1-sends-100-MB": ServerCase(lambda _: flood, f"more than {MAX_BLOB} bytes"),
-    "B2-one-byte-a-second": ServerCase(lambda _: trickle, "took longer than 10 s"),
+    "B2-one-byte-a-second": ServerCase(lambda _: trickle,
+                                         f"took longer than {FETCH_TIMEOUT:g} s"),
     "B3-garbage-not-OpenPGP": ServerCase(
         lambda _: sends(random.Random(3).randbytes(4096)), "refusing the server's blob"),
     "B4-negotiates-X.509": ServerCase(lambda _: x509_only, "failed", "TLS handshake"),
