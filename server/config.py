@@ -282,7 +282,10 @@ def load_server_settings(configdir: Path, overrides: Mapping[str, object]) -> Se
     def text(key: str) -> str:
         # Upstream takes these from ``defaults()``: raw, without interpolation (the default
         # priority string contains a lone "%").
-        return parser.defaults()[key].strip()
+        value = parser.defaults()[key].strip()
+        if "\0" in value:
+            raise ConfigError(f"{path}: [DEFAULT] {key}: contains a NUL character")
+        return value
 
     def integer(key: str) -> int | None:
         value = text(key)

@@ -438,7 +438,7 @@ MANDOS_CONF = Grammar({
     "options": ["", "{option}\n{options}"],
     "option": ["port{eq}{number}", "socket{eq}{number}", "{boolkey}{eq}{bool}",
                "debuglevel{eq}{level}", "priority{eq}{priority}", "x{eq}{interp}",
-               "{textkey}{eq}{free}", "{junkline}", "{option}{junk}", "  continued {free}"],
+               "{textkey}{eq}{text}", "{junkline}", "{option}{junk}", "  continued {free}"],
     "number": ["", "1", "0", "65535", "65536", "-1", "{int}", "9" * 4301, "\u0663", " 7 ",
                "0x10", "{free}", "%(x)s"],
     "boolkey": ["debug", "use_dbus", "use_ipv6", "restore", "foreground", "zeroconf"],
@@ -446,6 +446,7 @@ MANDOS_CONF = Grammar({
               "%(x)s", "\u00df"],
     "priority": ["NORMAL", "SECURE128:%PROFILE_ULTRA", "%", "%(x)s", "{free}"],
     "textkey": ["interface", "address", "statedir", "servicename", "nokey"],
+    "text": ["{free}", "a\0b", "/var/lib/{junk}", " {free} "],
 })
 
 
@@ -470,6 +471,7 @@ def test_mandos_conf_10000_cases(fast_tmp: Path) -> None:
         assert settings.socket is None or settings.socket >= 0
         assert settings.debuglevel in ("", *DEBUG_LEVELS)
         assert settings.foreground or not settings.debug
+        assert not any("\0" in str(value) for value in vars(settings).values())
 
     check()
     print(f"mandos.conf: {verdicts}")
