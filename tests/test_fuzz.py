@@ -17,7 +17,9 @@ import datetime
 import hashlib
 import os
 import re
+import select
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -30,7 +32,7 @@ from hypothesis import strategies as st
 
 from mandos_protocol.durations import MAX_DURATION, parse_duration
 from mandos_protocol.errors import ProtocolError
-from mandos_protocol.wire import EMPTY_KEY_ID
+from mandos_protocol.wire import EMPTY_KEY_ID, MAX_PROTOCOL_LINE, parse_protocol_line
 from password_agent.asks import (
     MAX_ASK_SIZE,
     AskRequest,
@@ -42,7 +44,9 @@ from password_agent.asks import (
 )
 from server.checker import refuse_quoted_expansion
 from server.config import DEBUG_LEVELS, ConfigError, load_clients, load_server_settings
+from server.listener import protocol_line_reader
 from tests.peers.ask import FakeRequester, monotonic_usec
+from tests.peers.ours import OurServer, clients_conf
 from tests.peers.upstream import upstream_functions
 
 pytestmark = pytest.mark.slow
@@ -496,3 +500,132 @@ def test_clients_conf_regressions(fast_tmp: Path, section: str, message: str) ->
         load_clients(path)
     assert message in str(error.value)
     assert one_line(str(error.value)) and _no_secret_in(str(error.value))
+
+
+# --- 4. the protocol line ---------------------------------------------------------------------
+
+PROTOCOL_LINES = Grammar({
+    "stream": ["{line}{tail}", "{line}", "{junk}", "{free}", "{line}{line}", "{long}{tail}"],
+    "line": ["1\r\n", "0\r\n", "{space}{version}{space}{nl}", "{version}{sep}{junk}{nl}",
+             "{version}", "{nl}", "{free}{nl}"],
+    "version": ["1", "0", "2", "-1", "+1", "01", "1_0", "\u0663", "{int}", "9" * 100, "1.0",
+                "0x1", "", "{byte}"],
+    "space": ["", " ", "\t", "\x0b\x0c", "\r", "  "],
+    "sep": [" ", "\t", "", " x ", "\0"],
+    "nl": ["\r\n", "\n", "\r", "", "\n\n", "\r\r\n"],
+    "tail": ["", "{junk}", "\x16\x03\x01\x02\x00", "1\r\n"],
+    "long": [f"1{' ' * n}\n" for n in (60, 61, 62, 63, 64, 100)] + ["1" * 200],
+})
+
+
+def _read_line(data: bytes, chunk: int, close: bool) -> bytes | None:
+    """Feed ``data`` to the server's protocol-line reader over a real stream socket pair,
+    ``chunk`` bytes at a time (calling the reader after each, as the event loop does on
+    readiness), then end the stream if ``close``.  Returns the line, or None while the reader
+    still waits; ProtocolError passes through.  Checks that nothing past the line was read."""
+    writer, reader = socket.socketpair()
+    with writer, reader:
+        reader.setblocking(False)
+        attempt = protocol_line_reader(reader)
+        line = None
+        for start in range(0, max(len(data), 1), chunk):
+            writer.sendall(data[start:start + chunk])
+            try:
+                line = attempt()
+                break
+            except BlockingIOError:
+                continue
+        if line is None and close:
+            writer.shutdown(socket.SHUT_WR)
+            try:
+                line = attempt()
+            except BlockingIOError:
+                raise AssertionError("the reader waits for more after the end") from None
+        if line is None:
+            assert b"\n" not in data[:MAX_PROTOCOL_LINE] and len(data) < MAX_PROTOCOL_LINE
+            return None
+        assert line.endswith(b"\n") and line.count(b"\n") == 1 and data.startswith(line)
+        assert len(line) <= MAX_PROTOCOL_LINE
+        writer.sendall(data[start + chunk:])  # what was never sent
+        writer.shutdown(socket.SHUT_WR)
+        reader.setblocking(True)
+        rest = b"".join(iter(lambda: reader.recv(65536), b""))
+        assert rest == data[len(line):], "the reader read past the protocol line"
+        return line
+
+
+@pytest.mark.timeout(120)
+def test_protocol_line_10000_cases() -> None:
+    """Any byte stream, in any segmentation, gives the server a line of at most 64 bytes and
+    not one byte past it (the TLS handshake follows), whose version is 0 or 1, or a
+    ProtocolError; the reader only waits while the stream has no line break yet."""
+    verdicts = {"version 0 or 1": 0, "refused": 0, "waiting": 0}
+
+    @FUZZ
+    @given(cases(32), st.integers(0, 15))
+    def check(case: tuple[bytes, str], options: int) -> None:
+        data = PROTOCOL_LINES.expand("stream", *case).encode("utf-8", "surrogateescape")
+        try:
+            version = parse_protocol_line(data)
+        except ProtocolError as error:
+            assert one_line(str(error))
+        else:
+            assert version in (0, 1) and int(data.split()[0]) == version
+        try:
+            line = _read_line(data, chunk=1 + options % 8, close=options >= 8)
+            if line is None:
+                verdicts["waiting"] += 1
+                return
+            version = parse_protocol_line(line)
+        except ProtocolError as error:
+            assert one_line(str(error))
+            verdicts["refused"] += 1
+            return
+        assert version in (0, 1) and int(line.split()[0]) == version
+        verdicts["version 0 or 1"] += 1
+
+    check()
+    print(f"protocol lines: {verdicts}")
+
+
+@pytest.mark.timeout(120)
+def test_protocol_line_1000_cases_against_our_server() -> None:
+    """The same streams, fewer, to our real server over loopback, each followed by the end
+    of the stream: a bad line is answered by a close without a byte, a good one by the TLS
+    ClientHello, and the server stays up and logs no error."""
+    server = OurServer(clients_conf(f"[foo]\nkey_id = {KEY_IDS[0]}\nsecret = {SECRET_BASE64}\n"))
+    server.start()
+    answers = {"ClientHello": 0, "closed": 0}
+    try:
+        @settings(FUZZ, max_examples=1000)
+        @given(cases(32))
+        def check(case: tuple[bytes, str]) -> None:
+            data = PROTOCOL_LINES.expand("stream", *case).encode("utf-8", "surrogateescape")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as peer:
+                try:
+                    peer.sendall(data)
+                    peer.shutdown(socket.SHUT_WR)
+                except OSError:  # the server closed already (a reset, or not connected)
+                    pass
+                assert select.select([peer], [], [], 10)[0], "no answer within 10 s"
+                try:
+                    first = peer.recv(1)
+                except ConnectionResetError:  # closed with our bytes unread
+                    first = b""
+            try:
+                good = parse_protocol_line(data[:data.index(b"\n") + 1])
+            except (ValueError, ProtocolError):
+                good = None
+            if first:
+                assert first == b"\x16" and good is not None  # a TLS handshake record
+                answers["ClientHello"] += 1
+            else:
+                answers["closed"] += 1
+
+        check()
+        assert server.process is not None and server.process.poll() is None
+        assert server.journal is not None and not server.journal.find("server-error")
+        assert "Traceback" not in server.stderr()
+    finally:
+        server.close()
+    print(f"protocol lines to our server: {answers}")
