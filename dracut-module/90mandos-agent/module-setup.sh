@@ -8,13 +8,20 @@
 #   mandos_agent_keydir="DIR"        the four key files (default: /etc/keys/mandos, then
 #                                    /etc/mandos/keys, as upstream's module)
 #   mandos_agent_pythonpath="D1:D2"  where to find password_agent, mandos_protocol, gnupg and
-#                                    inotify_simple if /usr/bin/python3 cannot import them
-#                                    (a virtualenv's site-packages, a source tree)
+#                                    inotify_simple before the package's directory
+#                                    /usr/lib/mandos-password-agent (a source tree and a
+#                                    virtualenv's site-packages, as the tests use)
 #   mandos_agent_zeroconf="no"       leave out Zeroconf browsing (about 4.5 MB unpacked); the
 #                                    agent then needs a server from mandos=connect:ADDRESS:PORT
 #                                    or from a drop-in with --connect
-# The module is included only when asked for (add_dracutmodules+=" mandos-agent "), and only
-# when the key set is there.
+# The module is included only when asked for (add_dracutmodules+=" mandos-agent ", which the
+# mandos-password-agent package's /usr/lib/dracut/dracut.conf.d/90-mandos-agent.conf says), and
+# only when the key set is there.
+
+# Where the mandos-password-agent package installs the agent's Python packages (ours and those
+# Debian lacks or ships too old), and where the initramfs keeps them: the agent's unit puts this
+# directory on PYTHONPATH.
+_mandos_agent_libdir=/usr/lib/mandos-password-agent
 
 # The directory holding the four key files, or failure.
 _mandos_agent_keydir() {
@@ -66,14 +73,14 @@ _mandos_agent_inst_libs() {
 
 # The interpreter, the standard library modules the agent uses, and its packages.
 _mandos_agent_install_python() {
-    local private=/usr/lib/mandos-password-agent list src dst gnutls
+    local private=$_mandos_agent_libdir list src dst gnutls
     local -a args=() targets=()
     [[ ${mandos_agent_zeroconf:-yes} == no ]] || args+=(--zeroconf)
     # shellcheck disable=SC2086
     if ! list=$(/usr/bin/python3 -I "$moddir/python-files.py" "${args[@]}" "$private" \
-                    ${mandos_agent_pythonpath//:/ }); then
-        derror "mandos-agent: cannot trace the agent's Python modules; is the agent installed" \
-               "for /usr/bin/python3 (or mandos_agent_pythonpath set)?"
+                    ${mandos_agent_pythonpath//:/ } "$_mandos_agent_libdir"); then
+        derror "mandos-agent: cannot trace the agent's Python modules; is the package" \
+               "mandos-password-agent installed (or mandos_agent_pythonpath set)?"
         return 1
     fi
     inst_multiple /usr/bin/python3 "$(readlink -f /usr/bin/python3)" || return 1
