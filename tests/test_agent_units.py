@@ -310,6 +310,29 @@ def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
+def test_units_security(tmp_path: Path) -> None:
+    """The booted system's agent runs GnuTLS and gpg over what the network sends: sandboxed
+    (security review, finding 9), rated at most 2.5 by ``systemd-analyze security``.
+    tests/vm/test_server_units.py checks the same under systemd, where the agent still works;
+    here, that it keeps out of the sandbox what would break it."""
+    text = (REPO / "units" / "mandos-password-agent.service").read_text()
+    (tmp_path / "mandos-password-agent.service").write_text(text)
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=25",
+                             str(tmp_path / "mandos-password-agent.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    exposure = float(result.stdout.split(
+        "Overall exposure level for mandos-password-agent.service:")[1].split()[0])
+    assert exposure <= 2.5, result.stdout
+    # PrivateTmp= would order it after the volumes it unlocks, PrivateUsers= would give it an
+    # empty keyring at each start (the record's key), PrivateNetwork= no server.
+    for key in ("PrivateTmp", "PrivateUsers", "PrivateNetwork", "ProcSubset", "User",
+                "DynamicUser"):
+        assert _unit_values(text, key) == [], key
+    assert _unit_values(text, "CapabilityBoundingSet") == []
+    assert "CapabilityBoundingSet=" in text.splitlines()
+
+
 def _unit_values(text: str, key: str) -> list[str]:
     """Every value of ``key=`` in a unit file, space-separated lists split."""
     return [word for line in text.splitlines() if line.startswith(f"{key}=")

@@ -28,15 +28,18 @@ service; the service is running with our STATUS= line, as _mandos with no capabi
 CAP_NET_RAW, under no_new_privs and a seccomp filter; it owns its D-Bus name, which nobody
 else may own or call; the journal holds our structured entries, and the checker succeeded;
 both mandos-ctl list the client.  Then the agent: nothing it starts after waits for
-local-fs.target; the real ``systemd-ask-password --id=cryptsetup:vmtest`` gets the password
-from our agent, which the ``.path`` unit started (systemd's console agent prompts in
-parallel, with nobody to type); the agent exits with Result=success once nothing is pending,
-having logged its answer and no sandbox denial, leaving only its ``answered`` record in
-/run/mandos-password-agent and no gpg-agent; the server logged the secret sent; a second
-request with the same Id is left to the human and times out.  Then the server again: reload
+local-fs.target; ``systemd-analyze security`` rates its sandbox at most 2.5; the real
+``systemd-ask-password --id=cryptsetup:vmtest`` gets the password from our agent, which the
+``.path`` unit started (systemd's console agent prompts in parallel, with nobody to type); the
+agent exits with Result=success once nothing is pending, having logged its answer and no
+sandbox denial, leaving only its ``answered`` record in /run/mandos-password-agent (one hash,
+no key: the key is in root's kernel keyring) and no gpg-agent; the server logged the secret
+sent; a second request with the same Id is left to the human (the agent says so, and the
+requester, stopped then, got no password), while the agent that waits for it runs as root
+without a capability, under no_new_privs and a seccomp filter.  Then the server again: reload
 and the watchdog work; it stops cleanly and leaves its state file; nothing it logged looks
 like a sandbox denial.  The VM has no network device and powers off when the checks are
-done: about 45 s under TCG.
+done: about 85 s under TCG on a busy 2-core host.
 """
 
 from __future__ import annotations
