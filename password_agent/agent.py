@@ -233,7 +233,8 @@ class Agent:
     def _fetch_password(self, watcher: RequestWatcher, deadline: _Deadline
                         ) -> bytearray | None:
         """One round over the servers, asked at once but staggered (:mod:`race`); the first
-        password decrypted, or None."""
+        password decrypted that some pending request did not get before, else one that all
+        got before (to be left to the human), else None."""
         try:
             servers = find_servers(self.config.connect, self.config.interfaces.only,
                                    deadline.left(BROWSE_SECONDS))
@@ -256,6 +257,7 @@ class Agent:
             return bool(watcher.pending) and not deadline.passed
 
         outcomes = race(servers, fetch, wait, keep_going)
+        repeated: bytearray | None = None  # one already sent to every pending request
         try:
             for outcome in outcomes:
                 if outcome.error is not None:
@@ -264,12 +266,32 @@ class Agent:
                     log.info("%s refused: it sent nothing (unknown key, disabled, or not "
                              "approved)", outcome.server)
                 elif (password := self._decrypt(outcome)) is not None:
-                    return password
+                    if not self._sent_to_every_request(watcher, password):
+                        if repeated is not None:
+                            repeated[:] = bytes(len(repeated))
+                        return password
+                    log.info("%s sent the password already sent for every pending request; "
+                             "asking the other servers", outcome.server)
+                    if repeated is None:
+                        repeated = password
+                    else:
+                        password[:] = bytes(len(password))
         finally:
             outcomes.close()  # abandons the servers still being asked
         if not watcher.pending:
             log.info("no request is pending any more; fetch abandoned")
-        return None
+        return repeated  # if any, answering sets the requests aside for the human
+
+    def _sent_to_every_request(self, watcher: RequestWatcher, password: bytearray) -> bool:
+        """Whether ``password`` went out before to the Id of every pending request.
+
+        Asked again with the same Id, the password was wrong.  Anyone with our OpenPGP
+        public key (no secret) can encrypt a wrong one to it: a server that always hands one
+        out, and always first, must not keep the other servers' password from the request."""
+        assert self._record is not None
+        return bool(watcher.pending) and all(
+            self._record.contains(request.answer_key, password)
+            for request in watcher.pending.values())
 
     def _decrypt(self, outcome: Outcome) -> bytearray | None:
         """The password in ``outcome``'s blob, or None (logged) if it does not decrypt."""
