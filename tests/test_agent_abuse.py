@@ -540,3 +540,34 @@ def test_b6_a_byte_a_second_alone_is_given_up_after_10_s_and_at_the_timeout(
     assert FETCH_TIMEOUT <= given_up < FETCH_TIMEOUT + 2, agent.log()
     assert 12 <= ended < 14, agent.log()
     assert len(reason_lines(agent, "--timeout of 12 s reached")) == 1, agent.log()
+
+
+def test_b7_a_wrong_password_for_our_key_does_not_shut_out_the_right_one(
+        agents: AgentHarness, requests: Path, password: bytes,
+        upstream_client: UpstreamClient) -> None:
+    """B7: a hostile server that knows our OpenPGP public key (no secret: ``pubkey.txt``)
+    hands out a wrong password encrypted to it, always first.  Nothing tells the agent that
+    it is wrong, so it goes out once (one of cryptsetup's tries).  When cryptsetup asks again
+    with the same Id, the agent must neither send it again nor give up: the good server's
+    password goes out."""
+    wrong = upstream.section_secret(
+        upstream.upstream_section(upstream_client.keys, "hostile", b"wrong password"))
+    with ScriptedServer(sends(wrong)) as rogue, \
+            ScriptedServer(holds_back(upstream_client.secret,
+                                      lambda: rogue.finished(settle=0.2))) as good:
+        with FakeRequester(requests, {"Id": "cryptsetup:/dev/b7"}) as first:
+            agent = agents.start("--timeout", "30", connect=[rogue.connect, good.connect],
+                                 agent_directory=requests)
+            assert first.receive(10) == b"+wrong password", agent.log()
+            agent.wait_log("answered")
+            asked_again = time.monotonic()
+            again = FakeRequester(requests, {"Id": "cryptsetup:/dev/b7"})
+        with again:
+            assert again.receive(FETCH_TIMEOUT + 5) == b"+" + password, agent.log()
+            answered = time.monotonic() - asked_again
+            assert again.receive(0.2) is None
+            again.remove_ask_file()
+            assert agent.wait() == 0, agent.log()
+    print(f"B7: the wrong password went out once; asked again, the right one after "
+          f"{answered:.2f} s; the hostile server was asked {len(rogue.outcomes)} times")
+    assert len(reason_lines(agent, "already sent")) == 1, agent.log()
