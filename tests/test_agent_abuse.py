@@ -1,16 +1,17 @@
-"""Abuse of the password agent: 10 hostile ask files (A1-A10) and 6 hostile Mandos servers
-(B1-B6).
+"""Abuse of the password agent: 10 hostile ask files (A1-A10) and 7 hostile Mandos servers
+(B1-B7).
 
 The agent runs as in :mod:`tests.test_agent_interop`: a child process with the upstream
-client's keys and real gpg; our own ``mandos-server`` is the good server.  The hostile servers
-speak real TLS through our GnuTLS binding in the Mandos server's role: the TLS client, with no
-credentials.  In Mandos only the client presents a key (its raw public key), so a rogue server
-cannot present a wrong one; the nearest it can come is to negotiate X.509 certificates (B4) or
-to hand out a blob encrypted to another OpenPGP key (B5).
+client's keys and real gpg.  A1-A9 use our own ``mandos-server`` as the good server; the
+other servers here speak real TLS through our GnuTLS binding in the Mandos server's role (the
+TLS client, with no credentials) and then do as the test says.  In Mandos only the client
+presents a key (its raw public key), so a rogue server cannot present a wrong one; the nearest
+it can come is to negotiate X.509 certificates (B4), to hand out a blob encrypted to another
+OpenPGP key (B5), or a wrong password encrypted to ours (B7: our public key is no secret).
 
 A1-A9 put a hostile ask file beside a legitimate request, A10 a request whose requester exits
-during the fetch; B1-B5 put a hostile server before the good one (two ``--connect``), B6 a
-hostile server alone.  In every case the agent must stay bounded in memory (its peak RSS,
+during the fetch; B1-B5 and B7 put a hostile server before a good one (two ``--connect``), B6
+runs one alone.  In every case the agent must stay bounded in memory (its peak RSS,
 ``VmHWM``, under :data:`PEAK_RSS_LIMIT_KIB`; reading the 100 MB ask file or the 100 MB blob
 whole adds 100 MiB and more) and in time (at most the 10 s per server, or ``--timeout``),
 answer the legitimate request with the good server's password, send nothing anywhere else,
