@@ -3,7 +3,10 @@
 A checker is a shell command whose exit status 0 means "the client host is alive".  As upstream
 does, the command is run with ``/bin/sh -c`` in ``/``, stdin from ``/dev/null`` and output to
 ``/dev/null`` unless debugging.  Unlike upstream, it runs in its own process group, so that
-stopping it also stops whatever the shell started (an ``ssh`` or ``fping``).
+stopping it also stops whatever the shell started (an ``ssh`` or ``fping``), and what is left
+of the group ``STOP_GRACE`` seconds after SIGTERM gets SIGKILL: a hanging checker that ignores
+SIGTERM must not outlive its turn.  (At server stop the loop ends before that; systemd's stop
+of the service's control group ends such a straggler then.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import shlex
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+#: Seconds from SIGTERM to a stopped checker's process group to SIGKILL to what is left of it.
+STOP_GRACE = 3.0
 
 #: The client attributes a checker may use as ``%%(name)s`` in clients.conf.
 RUNTIME_EXPANSIONS = (
@@ -90,9 +96,20 @@ async def run(command: str, *, show_output: bool = False) -> CheckerResult:
     try:
         code = await process.wait()
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        _stop(process.pid)
         raise
     if code < 0:
         return CheckerResult(status=-1, signal=-code)
     return CheckerResult(status=code)
+
+
+def _stop(group: int) -> None:
+    """SIGTERM to the checker's process group now, SIGKILL to whatever is left of it after
+    ``STOP_GRACE`` (the asyncio child watcher reaps the shell)."""
+
+    def kill(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
+
+    kill(signal.SIGTERM)
+    asyncio.get_running_loop().call_later(STOP_GRACE, kill, signal.SIGKILL)

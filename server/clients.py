@@ -68,6 +68,8 @@ class Client:
         self.approved: bool | None = None
         self.approvals_pending = 0
         self._checker_task: asyncio.Task[None] | None = None
+        self._checker_command = ""
+        self._checker_started = 0.0  # loop time
         self._checker_timer: asyncio.TimerHandle | None = None
         self._disable_timer: asyncio.TimerHandle | None = None
         self._approval_reset: asyncio.TimerHandle | None = None
@@ -239,7 +241,9 @@ class Client:
             return
         self._log(Event.CHECKER_STARTED, f"Starting checker {command!r} for {self.name}",
                   command=command)
-        self._checker_task = asyncio.get_running_loop().create_task(self._run_checker(command))
+        loop = asyncio.get_running_loop()
+        self._checker_command, self._checker_started = command, loop.time()
+        self._checker_task = loop.create_task(self._run_checker(command))
 
     async def _run_checker(self, command: str) -> None:
         result = await checker.run(command, show_output=self.show_checker_output)
@@ -260,8 +264,14 @@ class Client:
         self.on_change()
 
     def stop_checker(self) -> None:
-        """Stop a running checker, if any."""
+        """Stop a running checker, if any (a hanging one when the client expires), saying so:
+        no status is recorded, as upstream, since the checker did not finish."""
         if self._checker_task is not None:
+            if not self._checker_task.done():
+                elapsed = asyncio.get_running_loop().time() - self._checker_started
+                self._log(Event.CHECKER_FAILED,
+                          f"Stopped checker {self._checker_command!r} for {self.name}: still "
+                          f"running after {elapsed:.1f} s", command=self._checker_command)
             self._checker_task.cancel()
             self._checker_task = None
 

@@ -8,22 +8,27 @@ a real systemd-journald, tmpfs mounts of the test's own.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from inotify_simple import INotify, flags
 
 from mandos_protocol.errors import ProtocolError
+from server.checker import STOP_GRACE as CHECKER_STOP_GRACE
 from server.statefile import FILENAME, StateFile
 from tests.conftest import Keys
+from tests.peers.agent import processes_left, processes_mentioning
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.mounts import fill, remount, tmpfs
 from tests.peers.ours import OurServer, clients_conf, fetch, set_options
@@ -313,3 +318,56 @@ def test_a_read_only_state_directory_is_an_error_and_serving_goes_on(
             remount(server.statedir, read_only=False)
         finally:
             server.close()
+
+
+def _children(pid: int) -> list[str]:
+    """The child processes of ``pid`` (zombies included), as ``PID STATE``."""
+    children: list[str] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                children.append(f"{child} {state}")
+    return children
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["sleeps", "ignores-sigterm"])
+def test_a_hanging_checker_is_killed_and_the_client_expires(
+        keys: Keys, ignores_sigterm: bool) -> None:
+    """A checker that never returns: as upstream, it is not started again while it runs and
+    not killed on schedule (a slow checker gets until the timeout); the client expires, the
+    checker's process group is killed (SIGKILL after a grace, if it ignores SIGTERM) and
+    reaped, and the journal says so."""
+    marker = f"1000.{random.randrange(10**6)}"
+    command = f"trap '' TERM; sleep {marker}" if ignores_sigterm else f"sleep {marker}"
+    conf = clients_conf(set_options(keys.foo_section, checker=command, interval="1s",
+                                    timeout="2s"))
+    try:
+        _hanging_checker(keys, conf, marker)
+    finally:  # what a failure may leave: the checker, ours by its unique marker
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
+def _hanging_checker(keys: Keys, conf: str, marker: str) -> None:
+    with OurServer(conf) as server:
+        assert server.journal is not None and server.process is not None
+        server.journal.wait_for("checker-started", MANDOS_CLIENT="foo")
+        deadline = time.monotonic() + 5
+        while not processes_mentioning(marker):  # the event comes before the spawn
+            assert time.monotonic() < deadline, "the checker did not start"
+            time.sleep(0.02)
+        server.journal.wait_for("client-expired", MANDOS_CLIENT="foo", timeout=5)
+        stopped = server.journal.wait_for("checker-failed", MANDOS_CLIENT="foo")
+        assert len(stopped) == 1 and "still running" in stopped[0]["MESSAGE"], stopped
+        assert processes_left(marker, grace=CHECKER_STOP_GRACE + 2) == []
+        deadline = time.monotonic() + 2
+        while (children := _children(server.process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert children == []
+        assert len(server.journal.find("checker-started")) == 1
+        assert fetch(keys.foo, "127.0.0.1", server.port) == b""
+        assert server.stop() == 0
+
