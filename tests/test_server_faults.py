@@ -26,10 +26,12 @@ from inotify_simple import INotify, flags
 
 from mandos_protocol.errors import ProtocolError
 from server.checker import STOP_GRACE as CHECKER_STOP_GRACE
+from server.journal import DEFAULT_SOCKET
 from server.statefile import FILENAME, StateFile
 from tests.conftest import Keys
 from tests.peers.agent import processes_left, processes_mentioning
 from tests.peers.dbus import PrivateSystemBus
+from tests.peers.journald import PrivateJournal
 from tests.peers.mounts import fill, remount, tmpfs
 from tests.peers.ours import OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import section_secret
@@ -371,3 +373,87 @@ def _hanging_checker(keys: Keys, conf: str, marker: str) -> None:
         assert fetch(keys.foo, "127.0.0.1", server.port) == b""
         assert server.stop() == 0
 
+
+class ServerWithoutJournald(OurServer):
+    """The server at journald's default socket, in a mount namespace whose ``/run`` is an
+    empty tmpfs: as on a host whose journald is not (yet, or any more) running."""
+
+    def __init__(self, clients: str) -> None:
+        super().__init__(clients, extra_args=[f"--journal-socket={DEFAULT_SOCKET}"])
+
+    def argv(self) -> list[str]:
+        return ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
+                'mount -t tmpfs tmpfs /run && exec "$@"', "sh", *super().argv()]
+
+
+def _stderr_events(server: OurServer, event: str) -> list[str]:
+    """The server's stderr lines for ``event`` (the journal's fallback format)."""
+    return [line for line in server.stderr().splitlines() if f" {event}: " in line]
+
+
+def test_no_journal_socket_at_start_means_stderr_and_serving(keys: Keys) -> None:
+    """Nothing at /run/systemd/journal/socket: every entry goes to stderr, one line each,
+    and the server serves."""
+    blob = section_secret(keys.foo_section)
+    with ServerWithoutJournald(clients_conf(keys.foo_section)) as server:
+        assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+        assert server.stop() == 0
+        assert len(_stderr_events(server, "server-started")) == 1, server.stderr()
+        sent = _stderr_events(server, "secret-sent")
+        assert len(sent) == 1 and " INFO " in sent[0] and "client=foo" in sent[0], sent
+        assert _stderr_events(server, "server-stopping")
+        assert server.journal is not None and not server.journal.entries
+
+
+def test_journald_going_away_means_stderr_and_serving(keys: Keys,
+                                                       private_journal: PrivateJournal) -> None:
+    """A real journald stops under the running server: the entries after that go to stderr,
+    the unlocks go on."""
+    blob = section_secret(keys.foo_section)
+    server = OurServer(clients_conf(keys.foo_section),
+                       extra_args=[f"--journal-socket={private_journal.socket_path}"])
+    try:
+        server.start()
+        assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+        private_journal.wait_for(MANDOS_EVENT="secret-sent")
+        assert not _stderr_events(server, "secret-sent")
+        private_journal.stop()
+        assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+        assert server.stop() == 0
+        assert len(_stderr_events(server, "secret-sent")) == 1, server.stderr()
+        assert _stderr_events(server, "server-stopping")
+    finally:
+        server.close()
+
+
+GARBAGE = {
+    "binary": bytes(range(256)) * 4,
+    "no section": b"this is not\nan ini file = at all\n",
+    "half a section": b"[foo\nkey_id = 00\n",
+    "a duplicate section": b"[foo]\nkey_id = 00\n[foo]\nkey_id = 01\n",
+    "an unknown interpolation": b"[DEFAULT]\nhost = %(nothere)s\n[foo]\nkey_id = 00\n",
+}
+
+
+def test_garbage_clients_conf_on_sighup_keeps_the_old_configuration(keys: Keys) -> None:
+    """clients.conf edited to garbage (5 kinds), SIGHUP: each time one err entry on one line
+    naming the file, the old clients still served; then fixed, SIGHUP: the new one applies."""
+    foo_blob = section_secret(keys.foo_section)
+    with OurServer(clients_conf(keys.foo_section)) as server:
+        assert server.journal is not None
+        conf = server.configdir / "clients.conf"
+        for number, garbage in enumerate(GARBAGE.values(), start=1):
+            conf.write_bytes(garbage)
+            server.signal(signal.SIGHUP)
+            failed = server.journal.wait_for("config-reload-failed", count=number)[-1]
+            assert failed["PRIORITY"] == "3" and str(conf) in failed["MESSAGE"], failed
+            assert "\n" not in failed["MESSAGE"], failed
+            assert fetch(keys.foo, "127.0.0.1", server.port) == foo_blob
+        assert len(server.journal.find("config-loaded")) == 1
+        server.write_clients(clients_conf(keys.bar_section))
+        server.signal(signal.SIGHUP)
+        server.journal.wait_for("config-loaded", count=2)
+        assert fetch(keys.bar, "127.0.0.1", server.port) == section_secret(keys.bar_section)
+        assert fetch(keys.foo, "127.0.0.1", server.port) == b""
+        assert server.stop() == 0
+    print(f"{len(GARBAGE)} garbage files refused on SIGHUP, then 1 good one applied")
