@@ -264,10 +264,18 @@ class Daemon:
     # -- reload -----------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: read clients.conf again; add, drop and change clients in place."""
+        """SIGHUP: read clients.conf again; add, drop and change clients in place.
+
+        A file that cannot be used keeps the old configuration; so does a missing one (at
+        start-up it means no clients, as upstream): a file moved away while being edited must
+        not drop every client, and with them their state (a client disabled for cause would
+        come back enabled with the file)."""
         self.notifier.notify("RELOADING=1")
         try:
             try:
+                if not self.settings.clients_conf.exists():
+                    raise ConfigError(f"{self.settings.clients_conf} is missing (to remove "
+                                      "every client, leave it empty)")
                 configs = load_clients(self.settings.clients_conf)
             except ConfigError as error:
                 self.journal.event(Event.CONFIG_RELOAD_FAILED,

@@ -26,6 +26,7 @@ from inotify_simple import INotify, flags
 
 from mandos_protocol.errors import ProtocolError
 from server.checker import STOP_GRACE as CHECKER_STOP_GRACE
+from server.daemon import SAVE_RETRY
 from server.journal import DEFAULT_SOCKET
 from server.statefile import FILENAME, StateFile
 from tests.conftest import Keys
@@ -296,9 +297,11 @@ def test_a_read_only_state_directory_is_an_error_and_serving_goes_on(
         keys: Keys, tmp_path: Path) -> None:
     """The state directory went read-only (say, remounted after disk errors): the server
     starts and serves from the state it reads, one err entry says that it cannot save; a
-    3 a.m. admin wants the machines to boot, and to be told.  The file stays as it was."""
+    3 a.m. admin wants the machines to boot, and to be told.  The file stays as it was; once
+    the directory is writable again the next retry saves the state."""
     blob = section_secret(keys.foo_section)
-    server = OurServer(clients_conf(keys.foo_section), directory=tmp_path)
+    server = OurServer(clients_conf(set_options(keys.foo_section, interval="1h")),
+                       directory=tmp_path)  # no checker to change the state
     with tmpfs(server.statedir, "256k"):
         try:
             server.start()
@@ -315,9 +318,14 @@ def test_a_read_only_state_directory_is_an_error_and_serving_goes_on(
             server.journal.wait_for("secret-sent")
             time.sleep(0.7)  # the write that the secret asked for fails too: no new entry
             assert len(server.journal.find("state-problem")) == 1
-            assert server.stop() == 0
             assert state.read_bytes() == old
+            # Writable again: the retry saves the state with no change to ask for it.
             remount(server.statedir, read_only=False)
+            saved = server.journal.wait_for("state-problem", count=2, timeout=SAVE_RETRY + 3)
+            assert saved[-1]["PRIORITY"] == "5" and "again" in saved[-1]["MESSAGE"], saved
+            document = json.loads(state.read_bytes())
+            assert document["clients"]["foo"]["state"]["last_secret_sent"] is not None
+            assert server.stop() == 0
         finally:
             server.close()
 
@@ -436,14 +444,18 @@ GARBAGE = {
 
 
 def test_garbage_clients_conf_on_sighup_keeps_the_old_configuration(keys: Keys) -> None:
-    """clients.conf edited to garbage (5 kinds), SIGHUP: each time one err entry on one line
-    naming the file, the old clients still served; then fixed, SIGHUP: the new one applies."""
+    """clients.conf edited to garbage (5 kinds) or missing, SIGHUP: each time one err entry on
+    one line naming the file, the old clients still served; then fixed, SIGHUP: the new one
+    applies."""
     foo_blob = section_secret(keys.foo_section)
     with OurServer(clients_conf(keys.foo_section)) as server:
         assert server.journal is not None
         conf = server.configdir / "clients.conf"
-        for number, garbage in enumerate(GARBAGE.values(), start=1):
-            conf.write_bytes(garbage)
+        for number, garbage in enumerate([*GARBAGE.values(), None], start=1):
+            if garbage is None:  # moved away to be edited, say
+                conf.unlink()
+            else:
+                conf.write_bytes(garbage)
             server.signal(signal.SIGHUP)
             failed = server.journal.wait_for("config-reload-failed", count=number)[-1]
             assert failed["PRIORITY"] == "3" and str(conf) in failed["MESSAGE"], failed
@@ -456,4 +468,5 @@ def test_garbage_clients_conf_on_sighup_keeps_the_old_configuration(keys: Keys) 
         assert fetch(keys.bar, "127.0.0.1", server.port) == section_secret(keys.bar_section)
         assert fetch(keys.foo, "127.0.0.1", server.port) == b""
         assert server.stop() == 0
-    print(f"{len(GARBAGE)} garbage files refused on SIGHUP, then 1 good one applied")
+    print(f"{len(GARBAGE)} garbage files and a missing one refused on SIGHUP, then 1 good one "
+          "applied")
