@@ -98,7 +98,9 @@ def date_string(when: datetime.datetime | None) -> str:
 
 
 def milliseconds(delta: datetime.timedelta) -> int:
-    return int(delta.total_seconds() * 1000)
+    """A duration in whole milliseconds, computed exactly: through float seconds (upstream's
+    ``total_seconds() * 1000``) a Timeout set to 1001 read back as 1000."""
+    return delta // datetime.timedelta(milliseconds=1)
 
 
 def _delta(value: int) -> datetime.timedelta:
