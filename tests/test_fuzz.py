@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 from dbus_fast import ErrorType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +56,7 @@ from server.journal import Journal
 from server.listener import protocol_line_reader
 from server.statefile import fresh_state
 from tests.peers.ask import FakeRequester, monotonic_usec
+from tests.peers.dbus import PrivateSystemBus
 from tests.peers.ours import OurServer, clients_conf
 from tests.peers.upstream import upstream_functions
 
@@ -734,6 +736,7 @@ class InProcessAdmin:
         self.service = AdminService(self.bus, table, self.journal)
         self.service.sync_objects()
         self.serial = 0
+        self.last_error_text = ""
 
     def close(self) -> None:
         self.service.close()
@@ -759,6 +762,7 @@ class InProcessAdmin:
         reply = await self.call("Set", "ssv", [CLIENT_INTERFACE, name, value])
         sent = list(self.bus.sent)
         error = reply.error_name or ""
+        self.last_error_text = reply.body[0] if error else ""
         if error:
             assert (client.settings, client.state.enabled) == before
         everything = await self.call("GetAll", "s", [CLIENT_INTERFACE])
@@ -836,3 +840,61 @@ def test_dbus_setters_10000_cases(client_conf: Path) -> None:
         admin.close()
         loop.close()
     print(f"D-Bus setters: {verdicts}")
+
+
+@pytest.mark.timeout(120)
+def test_dbus_setters_500_cases_through_a_real_bus(client_conf: Path,
+                                                   private_bus: PrivateSystemBus) -> None:
+    """The same Sets, fewer, sent through a real dbus-daemon to our real server: each gets
+    the very reply (error name and text) that the in-process path gave, the value reads back
+    the same, and the server logs no error: the in-process path is the one the bus uses."""
+    server = OurServer(client_conf.read_text(), use_dbus=True)
+    loop = asyncio.new_event_loop()
+    admin = loop.run_until_complete(_in_loop(InProcessAdmin, client_conf))
+    connection: MessageBus | None = None
+    verdicts: dict[str, int] = {}
+
+    async def connect() -> MessageBus:
+        return await MessageBus(bus_address=private_bus.address).connect()
+
+    async def over_the_bus(member: str, signature: str, body: list[Any]) -> Message:
+        assert connection is not None
+        reply = await connection.call(Message(
+            destination=BUS_NAME, path=object_path("foo"), interface=PROPERTIES, member=member,
+            signature=signature, body=body))
+        assert reply is not None
+        return reply
+
+    async def both(name: str, value: Variant) -> None:
+        outcome, _ = await admin.set(name, value)
+        reply = await over_the_bus("Set", "ssv", [CLIENT_INTERFACE, name, value])
+        assert (reply.error_name or "") == outcome.error, (reply.error_name, outcome.error)
+        if outcome.error:
+            assert reply.body == [admin.last_error_text]
+        everything = await over_the_bus("GetAll", "s", [CLIENT_INTERFACE])
+        assert everything.message_type is MessageType.METHOD_RETURN, everything.body
+        if not outcome.error and _expected_value(name, value) is not None:
+            assert everything.body[0][name].value == outcome.value
+        key = outcome.error.rsplit(".", 1)[-1] or "set"
+        verdicts[key] = verdicts.get(key, 0) + 1
+
+    try:
+        server.start(env={"DBUS_SYSTEM_BUS_ADDRESS": private_bus.address})
+        connection = loop.run_until_complete(connect())
+
+        @settings(FUZZ, max_examples=500)
+        @given(property_sets())
+        def check(change: tuple[str, Variant]) -> None:
+            loop.run_until_complete(both(*change))
+
+        check()
+        assert server.process is not None and server.process.poll() is None
+        assert server.journal is not None and not server.journal.find("server-error")
+        assert "Traceback" not in server.stderr()
+    finally:
+        if connection is not None:
+            connection.disconnect()
+        admin.close()
+        loop.close()
+        server.close()
+    print(f"D-Bus setters through the bus: {verdicts}")
