@@ -52,6 +52,7 @@ from dbus_fast.service import (
     dbus_property,
     dbus_signal,
 )
+from dbus_fast.validators import is_object_path_valid
 
 from mandos_protocol.durations import check_duration
 from mandos_protocol.errors import ProtocolError
@@ -545,10 +546,12 @@ class AdminService:
             if name in self.objects:
                 continue
             path = object_path(name)
-            if path in taken:
-                self.journal.event(Event.SERVER_ERROR, f"Client {name} is not on D-Bus: its "
-                                   f"object path {path} is that of client {taken[path]}",
-                                   client=name, priority=WARNING)
+            problem = (f"its object path {path} is that of client {taken[path]}"
+                       if path in taken else None if is_object_path_valid(path) else
+                       "its name makes no valid object path (use only A-Z a-z 0-9 _ . -)")
+            if problem is not None:
+                self.journal.event(Event.SERVER_ERROR, f"Client {name} is not on D-Bus: "
+                                   f"{problem}", client=name, priority=WARNING)
                 continue
             self._export(client, path)
             taken[path] = name

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from dbus_fast import ErrorType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.validators import is_object_path_valid
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +53,7 @@ from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable, utcnow
 from server.config import DEBUG_LEVELS, ConfigError, load_clients, load_server_settings
 from server.dbus_api import BUS_NAME, CLIENT_INTERFACE, AdminBus, AdminService, object_path
-from server.journal import Journal
+from server.journal import Event, Journal
 from server.listener import protocol_line_reader
 from server.statefile import fresh_state
 from tests.peers.ask import FakeRequester, monotonic_usec
@@ -898,3 +899,61 @@ def test_dbus_setters_500_cases_through_a_real_bus(client_conf: Path,
         loop.close()
         server.close()
     print(f"D-Bus setters through the bus: {verdicts}")
+
+
+CLIENT_NAMES = Grammar({
+    "names": ["{name}", "{name}\n{names}"],
+    "name": ["foo", "bar", "foo.x", "foo-x", "foo_x", "a b", "f\u00f6\u00f6", " ", "x/y", "{free}",
+             "1abc", "_", "a" * 300, "{name}{name}", "{name}{byte}", "DEFAULT", "foo]"],
+})
+
+
+@pytest.mark.timeout(120)
+def test_dbus_client_names_2000_cases(client_conf: Path) -> None:
+    """Whatever the section names in clients.conf, the clients whose names make a valid and
+    free object path are on D-Bus, each other one gets one warning, and nothing raises (a
+    name upstream cannot export either, like ``a b``, once kept every later client off the
+    bus)."""
+    loop = asyncio.new_event_loop()
+    admin = loop.run_until_complete(_in_loop(InProcessAdmin, client_conf))
+    table = admin.service.clients
+    counts = {"exported": 0, "not on D-Bus": 0}
+    warned: list[str | None] = []
+    admin.journal.observe(lambda event, client, *_: warned.append(client)
+                          if event is Event.SERVER_ERROR else None)
+
+    async def sync(names: list[str]) -> None:
+        warned.clear()
+        for client in table:
+            table.remove(client.name)
+        for name in names:
+            settings = dataclasses.replace(admin.settings, name=name,
+                                           key_id=hashlib.sha256(name.encode()).hexdigest())
+            table.add(Client(settings, fresh_state(settings, utcnow()), admin.journal))
+        admin.service.sync_objects()
+        await asyncio.sleep(0)
+
+    try:
+        @settings(FUZZ, max_examples=2000)
+        @given(cases(16))
+        def check(case: tuple[bytes, str]) -> None:
+            text = CLIENT_NAMES.expand("names", *case)
+            names = list(dict.fromkeys(text.encode("utf-8", "surrogateescape").decode(
+                "utf-8", "replace").split("\n")))
+            loop.run_until_complete(sync(names))
+            paths: set[str] = set()
+            for name in names:
+                path = object_path(name)
+                if is_object_path_valid(path) and path not in paths:
+                    assert admin.service.objects[name].path == path
+                    paths.add(path)
+                    counts["exported"] += 1
+                else:
+                    assert name not in admin.service.objects and name in warned
+                    counts["not on D-Bus"] += 1
+
+        check()
+    finally:
+        admin.close()
+        loop.close()
+    print(f"D-Bus client names: {counts}")
