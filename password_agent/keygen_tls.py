@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+if TYPE_CHECKING:
+    # Only for the annotation: cryptography has this name since 40, Debian 12 ships 38.
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from mandos_protocol.wire import key_id
 from password_agent.errors import AgentError
