@@ -33,6 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REQUIREMENTS = sorted((HERE / "python").glob("*.txt"))
+#: Debian's interpreter, which runs the packages, and its pip (python3-pip), whatever python3
+#: comes first on PATH.
+PYTHON = "/usr/bin/python3"
 #: For the builds of sources: zeroconf and dbus-fast then leave out their optional Cython
 #: speedups, so the wheels hold only Python files and the packages stay Architecture: all.
 SKIP_CYTHON = {"SKIP_CYTHON": "1"}
@@ -67,7 +70,7 @@ def locked(path: Path) -> Iterator[None]:
 
 def wheels(cache: Path) -> Path:
     """The directory of the wheels for every pin, built once per set of pins."""
-    digest = hashlib.sha256(sys.version.encode())
+    digest = hashlib.sha256(run([PYTHON, "-VV"]).encode())
     for requirements in REQUIREMENTS:
         digest.update(requirements.read_bytes())
     directory = cache / f"wheels-{digest.hexdigest()[:16]}"
@@ -79,14 +82,14 @@ def wheels(cache: Path) -> Path:
             for requirements in REQUIREMENTS:
                 # --require-hashes: only the very files pinned; --no-deps: every dependency
                 # is pinned in the file too.
-                run([sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes",
+                run([PYTHON, "-m", "pip", "download", "--quiet", "--require-hashes",
                      "--no-deps", "--dest", downloads, "--requirement", requirements])
             built.mkdir()
             for download in sorted(downloads.iterdir()):
                 if download.suffix == ".whl":
                     shutil.copy2(download, built)
                 else:
-                    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    run([PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps",
                          "--wheel-dir", built, download], env=SKIP_CYTHON)
             for old in cache.glob("wheels-*"):
                 shutil.rmtree(old)

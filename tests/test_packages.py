@@ -1,0 +1,311 @@
+"""The Debian packages from ``./dev package`` (packaging/build.py), installed, upgraded, removed
+and purged in a throwaway root, with real dpkg, apt, systemd-sysusers, dracut and lintian.
+
+The throwaway root is the host's own ``/`` under an overlay whose upper layer is a tmpfs, in a
+private mount namespace held by one shell (:class:`Root`): whatever the steps change is gone when
+that shell exits, which it does when the test closes its stdin, even if the test dies.  Each
+step runs there with ``nsenter`` and ``chroot``, with a fresh ``/run`` (no
+``/run/systemd/system``: the maintainer scripts see no running systemd and start nothing, and
+``systemctl`` in a chroot is offline anyway) and a ``policy-rc.d`` that refuses every start.
+
+Debian's ``mandos`` and ``mandos-client`` are installed on the host as interop peers; our
+packages conflict with them, so the test first removes them as a migrating admin would
+(keeping their configuration), then checks after each step the files, the ``_mandos`` user and
+what is left behind: install both packages (the admin's clients.conf is kept), make keys with
+the installed ``mandos-keygen`` and build an initramfs with plain ``dracut``, upgrade to a
+rebuilt higher version (configuration and state kept), remove (configuration and state kept),
+purge (both gone, nothing of ours left but the user).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "packaging" / "build.py"
+PACKAGES = ("mandos-server", "mandos-password-agent")
+#: What a step in the root runs with: no proxy, locale or Python settings of the test's own.
+ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8",
+               "DEBIAN_FRONTEND": "noninteractive"}
+#: apt-get without recommends (dracut would replace the host's initramfs-tools) and keeping
+#: the configuration files on disk, as an admin answers dpkg's question for clients.conf.
+APT_INSTALL = ("apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold"
+               " -o Dpkg::Options::=--force-confdef")
+#: The admin's client section, in clients.conf before our package comes.
+ADMIN_SECTION = "\n[admins-client]\nkey_id = " + "ab" * 32 + "\nsecret = c2VjcmV0\n"
+#: What the server would have saved.
+STATE = '{"clients": {}}\n'
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Build:
+    version: str
+    debs: tuple[Path, ...]
+    lintian: str
+
+
+def changelog_version() -> str:
+    first = (REPO / "packaging" / "debian" / "changelog").read_text().split("\n", 1)[0]
+    return first.split("(", 1)[1].split(")", 1)[0]
+
+
+def build(output: Path, *extra: str) -> tuple[tuple[Path, ...], str]:
+    result = subprocess.run([sys.executable, str(BUILD), "--output", str(output), *extra],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    debs = tuple(sorted(output.glob("*.deb")))
+    assert [deb.name.split("_")[0] for deb in debs] == sorted(PACKAGES)
+    return debs, result.stdout
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Build, Build]:
+    """The packages as ``./dev package`` builds them (with lintian, which fails the build on
+    an error), and a rebuild with a higher version."""
+    version = changelog_version()
+    debs, lintian = build(tmp_path_factory.mktemp("dist1"))
+    newer = f"{version}+rebuild1"
+    newer_debs, _ = build(tmp_path_factory.mktemp("dist2"), "--version", newer, "--no-lintian")
+    return Build(version, debs, lintian), Build(newer, newer_debs, "")
+
+
+#: Run by the shell that holds the mount namespace: the overlay, then wait until the test closes
+#: stdin.  $1 is an empty directory on the host; in the namespace it becomes a tmpfs holding
+#: the overlay's upper layer and the root.
+HOLD = """set -eu
+mount -t tmpfs -o mode=0755 throwaway-root "$1"
+mkdir "$1/upper" "$1/work" "$1/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$1/upper,workdir=$1/work" "$1/root"
+mount -t proc proc "$1/root/proc"
+mount --rbind /dev "$1/root/dev"
+mount -t tmpfs -o mode=0755 run "$1/root/run"
+printf '#!/bin/sh\\nexit 101\\n' > "$1/root/usr/sbin/policy-rc.d"
+chmod 0755 "$1/root/usr/sbin/policy-rc.d"
+echo ready
+read -r _ || true
+"""
+
+
+class Root:
+    """A throwaway copy of the host's root; see the module's docstring."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.root = directory / "root"
+        self.upper = directory / "upper"
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", HOLD, "sh",
+             str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None
+        line = self.holder.stdout.readline()
+        if line != "ready\n":
+            self.close()
+            raise RuntimeError("the throwaway root could not be set up")
+
+    def close(self) -> None:
+        assert self.holder.stdin is not None
+        self.holder.stdin.close()
+        try:
+            self.holder.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.holder.kill()
+            self.holder.wait()
+
+    def run(self, script: str, check: bool = True,
+            chroot: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``sh -c script`` chrooted into the root (or only in its mount namespace)."""
+        inside = ["chroot", str(self.root)] if chroot else []
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.holder.pid), "--mount", "--", *inside,
+             "/bin/sh", "-ec", script], stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, env=ENVIRONMENT, check=False, timeout=300)
+        if check:
+            assert result.returncode == 0, (
+                f"{script}\nexit {result.returncode}\n{result.stdout}{result.stderr}")
+        return result
+
+    def lines(self, script: str) -> list[str]:
+        return self.run(script).stdout.splitlines()
+
+    def status(self, package: str) -> str:
+        """dpkg's status of ``package``: "installed", "config-files", "not-installed"."""
+        return self.run(f"dpkg-query -W -f='${{db:Status-Status}}' {package} 2>/dev/null"
+                        " || echo not-installed").stdout.strip()
+
+    def stat(self, path: str) -> tuple[str, str, int] | None:
+        """Owner, group and permission bits of ``path``, or None when it is not there."""
+        result = self.run(f"stat -c '%U %G %a' {shlex.quote(path)}", check=False)
+        if result.returncode != 0:
+            return None
+        owner, group, mode = result.stdout.split()
+        return owner, group, int(mode, 8)
+
+    def exists(self, path: str) -> bool:
+        return self.run(f"test -e {shlex.quote(path)}", check=False).returncode == 0
+
+    def read(self, path: str) -> str:
+        return self.run(f"cat {shlex.quote(path)}").stdout
+
+    def changed(self) -> list[str]:
+        """The files the steps created or changed that name Mandos (the overlay's upper layer,
+        without whiteouts, which record deletions)."""
+        upper = shlex.quote(str(self.upper))
+        found = self.run(f"cd {upper} && find . ! -type c ! -type d -path '*mandos*'",
+                         chroot=False).stdout
+        return sorted(line[1:] for line in found.splitlines())
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Root]:
+    directory = tmp_path / "throwaway"
+    directory.mkdir()
+    throwaway = Root(directory)
+    try:
+        yield throwaway
+    finally:
+        throwaway.close()
+
+
+def install(root: Root, build: Build) -> str:
+    debs = " ".join(shlex.quote(str(deb)) for deb in build.debs)
+    return root.run(f"{APT_INSTALL} {debs}").stdout
+
+
+SERVER_FILES = ("/usr/bin/mandos-server", "/usr/bin/mandos-ctl",
+                "/usr/lib/mandos-server/server/cli.py",
+                "/usr/lib/mandos-server/mandos_protocol/gnutls.py",
+                "/usr/lib/mandos-server/zeroconf/__init__.py",
+                "/usr/lib/mandos-server/dbus_fast/__init__.py",
+                "/lib/systemd/system/mandos.service", "/lib/systemd/system/mandos.socket",
+                "/usr/share/dbus-1/system.d/se.recompile.Mandos.conf",
+                "/usr/lib/systemd/catalog/mandos-catalog.catalog",
+                "/usr/lib/sysusers.d/mandos-server.conf", "/usr/lib/tmpfiles.d/mandos-server.conf",
+                "/usr/share/man/man8/mandos-server.8.gz", "/usr/share/man/man8/mandos-ctl.8.gz")
+AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
+               "/usr/lib/mandos-password-agent/password_agent/cli.py",
+               "/usr/lib/mandos-password-agent/gnupg.py",
+               "/usr/lib/mandos-password-agent/inotify_simple.py",
+               "/lib/systemd/system/mandos-password-agent.path",
+               "/lib/systemd/system/mandos-password-agent.service",
+               "/usr/lib/dracut/modules.d/90mandos-agent/module-setup.sh",
+               "/usr/lib/dracut/dracut.conf.d/90-mandos-agent.conf",
+               "/usr/share/man/man8/mandos-password-agent.8.gz",
+               "/usr/share/man/man8/mandos-keygen.8.gz")
+
+
+def enabled(root: Root, unit: str) -> str:
+    return root.run(f"systemctl is-enabled {unit}", check=False).stdout.strip()
+
+
+def check_installed(root: Root, build: Build) -> None:
+    for package in PACKAGES:
+        assert root.status(package) == "installed"
+        assert root.lines(f"dpkg-query -W -f='${{Version}}' {package}") == [build.version]
+    missing = [path for path in SERVER_FILES + AGENT_FILES if not root.exists(path)]
+    assert not missing
+    for unit in ("mandos.service", "mandos.socket"):
+        assert root.read(f"/lib/systemd/system/{unit}") == (REPO / "units" / unit).read_text()
+    # Byte-compiled by the postinst (py3compile), in the private directories only.
+    assert root.exists("/usr/lib/mandos-server/server/__pycache__")
+    assert root.exists("/usr/lib/mandos-password-agent/password_agent/__pycache__")
+    assert not root.lines("ls /usr/lib/python3/dist-packages | grep -E "
+                          "'^(server|password_agent|mandos_protocol)$' || true")
+    # The user from our sysusers file, the state directory from our tmpfiles file.
+    assert root.lines("getent passwd _mandos | cut -d: -f6,7") == [
+        "/var/lib/mandos:/usr/sbin/nologin"]
+    assert root.stat("/var/lib/mandos") == ("_mandos", "_mandos", 0o700)
+    # clients.conf: readable by the server's group only, and still the admin's.
+    assert root.stat("/etc/mandos/clients.conf") == ("root", "_mandos", 0o640)
+    assert root.lines("dpkg-statoverride --list /etc/mandos/clients.conf") == [
+        "root _mandos 640 /etc/mandos/clients.conf"]
+    assert ADMIN_SECTION in root.read("/etc/mandos/clients.conf")
+    assert root.stat("/etc/mandos/mandos.conf") == ("root", "root", 0o644)
+    # Not enabled by the package (the admin enables it), but Debian's mandos.service was
+    # enabled, and deb-systemd-helper carries that over to ours.
+    assert enabled(root, "mandos-password-agent.path") == "disabled"
+    assert enabled(root, "mandos.service") == "enabled"
+    # The commands run under /usr/bin/python3 from the private directories.
+    for command in ("mandos-server", "mandos-ctl", "mandos-password-agent", "mandos-keygen"):
+        assert "usage:" in root.run(f"{command} --help").stdout
+
+
+def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -> None:
+    first, second = builds
+    assert " E: " not in first.lintian and not first.lintian.startswith("E: ")
+
+    # A migrating admin removes Debian's packages and keeps their configuration; the user and
+    # the state directory are dropped too, so that ours must make them.
+    root.run("systemctl enable mandos.service\napt-get remove -y -q mandos mandos-client")
+    assert root.status("mandos") == root.status("mandos-client") == "config-files"
+    root.run("sed -i '/^_mandos:/d' /etc/passwd /etc/group /etc/shadow /etc/gshadow\n"
+             "rm -rf /var/lib/mandos\n"
+             f"printf '%s' {shlex.quote(ADMIN_SECTION)} >> /etc/mandos/clients.conf")
+
+    install(root, first)
+    check_installed(root, first)
+
+    # The installed keygen (Debian's python3-cryptography, gpg) and plain dracut: the package's
+    # dracut.conf.d file adds the module, which finds the agent in the package's directory.
+    root.run("mandos-keygen --force >/dev/null")
+    assert root.stat("/etc/keys/mandos/seckey.txt") == ("root", "root", 0o600)
+    root.run("dracut --force --no-kernel --kver 0.0.0-test --no-compress /tmp/initrd.img"
+             " >/tmp/dracut.log 2>&1 || { cat /tmp/dracut.log; exit 1; }")
+    listing = root.run("lsinitrd /tmp/initrd.img").stdout
+    for path in ("usr/lib/mandos-password-agent/password_agent/cli.py",
+                 "usr/lib/mandos-password-agent/gnupg.py",
+                 "usr/lib/systemd/system/mandos-password-agent.service",
+                 "etc/mandos/keys/tls-privkey.pem"):
+        assert path in listing, path
+    assert root.stat("/tmp/initrd.img") == ("root", "root", 0o600)
+
+    # Upgrade: the configuration (also as changed since), the state and the mode are kept.
+    root.run("printf '\\n# changed by the admin\\n' >> /etc/mandos/mandos.conf\n"
+             f"printf '%s' {shlex.quote(STATE)} > /var/lib/mandos/clients.json\n"
+             "chown _mandos:_mandos /var/lib/mandos/clients.json\n"
+             "chmod 0600 /var/lib/mandos/clients.json")
+    install(root, second)
+    check_installed(root, second)
+    assert root.read("/etc/mandos/mandos.conf").endswith("# changed by the admin\n")
+    assert root.read("/var/lib/mandos/clients.json") == STATE
+    assert root.stat("/var/lib/mandos/clients.json") == ("_mandos", "_mandos", 0o600)
+
+    # Remove: the programs go, the configuration and the state stay.
+    root.run("apt-get remove -y -q " + " ".join(PACKAGES))
+    for package in PACKAGES:
+        assert root.status(package) == "config-files"
+    left = [path for path in SERVER_FILES + AGENT_FILES if root.exists(path)]
+    assert not left
+    assert not root.exists("/usr/lib/mandos-server")
+    assert not root.exists("/usr/lib/mandos-password-agent")
+    assert ADMIN_SECTION in root.read("/etc/mandos/clients.conf")
+    assert root.stat("/etc/mandos/clients.conf") == ("root", "_mandos", 0o640)
+    assert root.read("/var/lib/mandos/clients.json") == STATE
+
+    # Purge: configuration and state go; the user stays (Debian keeps system users).
+    root.run("dpkg --purge " + " ".join(PACKAGES))
+    for package in PACKAGES:
+        assert root.status(package) == "not-installed"
+    assert not root.exists("/etc/mandos/clients.conf")
+    assert not root.exists("/etc/mandos/mandos.conf")
+    assert not root.exists("/var/lib/mandos")
+    assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.conf || true")
+    assert root.lines("getent passwd _mandos | cut -d: -f1") == ["_mandos"]
+    # deb-systemd-helper removed the symlinks that enabled the units.
+    assert not root.lines("find /etc/systemd/system -name 'mandos*'")
+    # Nothing else of ours is left: every file the steps made or changed that names Mandos
+    # belongs to Debian's removed packages (dpkg's records, the init script that mandos's
+    # postrm made non-executable) or is one of the keys the admin made.
+    debians = ("/var/lib/dpkg/info/mandos.", "/var/lib/dpkg/info/mandos-client.",
+               "/etc/init.d/mandos")
+    assert [path for path in root.changed()
+            if not path.startswith((*debians, "/etc/keys/mandos/"))] == []
