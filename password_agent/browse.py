@@ -24,7 +24,6 @@ import time
 
 import ifaddr
 from zeroconf import (
-    InterfaceChoice,
     IPVersion,
     ServiceBrowser,
     ServiceInfo,
@@ -38,16 +37,25 @@ SERVICE_TYPE = "_mandos._tcp.local."
 GRACE = 0.3
 
 
-def _interface_choice(interface: str) -> list[str | int] | None:
-    """python-zeroconf's interface list for one interface (its IPv4 addresses and its index
-    for IPv6), or None if the interface does not exist (yet)."""
+def _is_loopback(adapter: ifaddr.Adapter) -> bool:
+    return all(ipaddress.ip_address(ip.ip if isinstance(ip.ip, str) else ip.ip[0]).is_loopback
+               for ip in adapter.ips)
+
+
+def _interfaces(interface: str | None) -> list[str | int]:
+    """python-zeroconf's interface list: the IPv4 addresses, and the index for IPv6, of
+    ``interface``, or of every interface but loopback; empty if there is none (yet).
+
+    Not ``InterfaceChoice.All``: that takes loopback too, and mDNS sent from ``::1`` to
+    ``ff02::fb`` fails with ENETUNREACH, which python-zeroconf logs with a traceback on every
+    browse of an IPv6-only initramfs (found booting one on a bridged LAN)."""
+    chosen: list[str | int] = []
     for adapter in ifaddr.get_adapters():
-        if adapter.name == interface:
-            chosen: list[str | int] = [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)]
+        if adapter.name == interface or (interface is None and not _is_loopback(adapter)):
+            chosen += [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)]
             if any(isinstance(ip.ip, tuple) for ip in adapter.ips):
-                chosen.append(socket.if_nametoindex(interface))
-            return chosen or None
-    return None
+                chosen.append(socket.if_nametoindex(adapter.name))
+    return chosen
 
 
 def _usable(host: str, scope: int | None) -> str | None:
@@ -80,18 +88,14 @@ def browse(timeout: float, interface: str | None = None) -> list[tuple[str, int]
     """``(host, port)`` of the Mandos servers announced on the link, best first.
 
     Returns :data:`GRACE` seconds after the first server is resolved, or an empty list after
-    ``timeout`` seconds.  With ``interface``, only that interface is used; if it does not exist
-    or has no address yet (early boot), the result is empty at once so that the caller retries.
+    ``timeout`` seconds.  With ``interface``, only that interface is used, else every one but
+    loopback; if there is none with an address yet (early boot), the result is empty at once
+    so that the caller retries.
     """
-    if interface is None:
-        interfaces: InterfaceChoice | list[str | int] = InterfaceChoice.All
-        scope = None
-    else:
-        chosen = _interface_choice(interface)
-        if chosen is None:
-            return []
-        interfaces = chosen
-        scope = socket.if_nametoindex(interface)
+    interfaces = _interfaces(interface)
+    if not interfaces:
+        return []
+    scope = None if interface is None else socket.if_nametoindex(interface)
     deadline = time.monotonic() + timeout
     found: queue.SimpleQueue[str] = queue.SimpleQueue()
 
