@@ -13,6 +13,7 @@ offline in-place encryption.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,6 +98,19 @@ def locked(cache: Path) -> Iterator[None]:
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+#: Images another build replaced are kept this long: a test run from another checkout (a
+#: fresh clone beside the work tree) may still be booting one.
+STALE_SECONDS = 24 * 3600
+
+
+def remove_stale(paths: Iterator[Path]) -> None:
+    """Remove the cached images among ``paths`` that were last used over a day ago."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - path.stat().st_atime > STALE_SECONDS:
+                path.unlink()
 
 
 def download_deb(package: str, debs: Path) -> Path:
@@ -205,8 +220,7 @@ def disk(cache: Path, busybox_binary: Path, passphrase: Path) -> Disk:
              "--pbkdf-force-iterations", "1000", "--key-file", str(passphrase), "-q",
              str(partial)])
         uuid = run(["cryptsetup", "luksUUID", str(partial)]).stdout.strip()
-        for old in cache.glob("disk-*"):
-            old.unlink()
+        remove_stale(cache.glob("disk-*"))
         os.replace(partial, image)
     uuid_file.write_text(uuid + "\n")
     return Disk(image, uuid)
@@ -247,8 +261,7 @@ def initrd(cache: Path, kernel_: Kernel, keydir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as work:
         partial = Path(work) / "initrd.img"
         make_initrd(partial, kernel_, keydir, Path(work))
-        for old in cache.glob("initrd-*.img"):
-            old.unlink()
+        remove_stale(cache.glob("initrd-*.img"))
         os.replace(partial, image)
     return image
 

@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,15 @@ class Typist:
     text: bytes
 
 
+@dataclass(frozen=True)
+class Trigger:
+    """The first console line matching ``pattern`` calls ``action`` with the seconds since
+    qemu started (once; it must not block the console reader)."""
+
+    pattern: str
+    action: Callable[[float], None]
+
+
 def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int, log: Path,
          timeout: float, done_marker: str, typist: Typist | None = None) -> Boot:
     """Boot from ``disk`` (a snapshot: the image stays unchanged) with user networking whose
@@ -76,14 +86,21 @@ def boot(*, kernel: Path, initrd: Path, disk: Path, append: str, host_port: int,
 
 
 def run(*, kernel: Path, initrd: Path, append: str, devices: list[str], log: Path,
-        timeout: float, done_marker: str, typist: Typist | None = None) -> Boot:
+        timeout: float, done_marker: str, typist: Typist | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+        triggers: Sequence[Trigger] = ()) -> Boot:
     """Boot a VM with ``devices`` (qemu options) until qemu exits, or ``timeout`` passes, or the
     guest printed ``done_marker`` and did not power off soon after (qemu is killed then).
-    Without a ``typist``, stdin is /dev/null, so nobody can type at a console prompt."""
+    Without a ``typist``, stdin is /dev/null, so nobody can type at a console prompt.  ``wrap``
+    prefixes qemu's argv (e.g. to run it in a network namespace; it must exec qemu);
+    ``triggers`` act on console lines."""
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else ["-accel", "tcg", "-cpu", "max"]
     argv = [QEMU, *accel, "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", append, *devices]
+    if wrap is not None:
+        argv = wrap(argv)
+    fired: set[int] = set()
     result = Boot(log)
     start = time.monotonic()
     with open(log, "wb") as output:
@@ -124,6 +141,10 @@ def run(*, kernel: Path, initrd: Path, append: str, devices: list[str], log: Pat
                     for line in lines:
                         text = line.decode(errors="replace").rstrip("\r")
                         result.arrivals.append((elapsed, text))
+                        for index, trigger in enumerate(triggers):
+                            if index not in fired and re.search(trigger.pattern, text):
+                                fired.add(index)
+                                trigger.action(elapsed)
                         if done_marker in text:  # the guest powers off right after
                             deadline = min(deadline, now + POWEROFF_SECONDS)
                 else:

@@ -14,9 +14,7 @@ there.  The images are cached (tests/vm/images.py); each boot takes about 20 s u
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,34 +22,18 @@ import pytest
 
 from tests.peers.ours import OurServer, clients_conf
 from tests.vm import images, qemu
+from tests.vm.boots import (
+    BOOT_TIMEOUT,
+    CLIENT,
+    DONE,
+    console_context,
+    root_command_line,
+    section_for,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-#: Host programs the images and the boot need (./dev setup installs them).
-PROGRAMS = ("qemu-system-x86_64", "dracut", "lsinitrd", "socat", "cryptsetup", "mkfs.ext4",
-            "apt-get", "dpkg-deb", "depmod", "zstd", "gpg")
-BOOT_TIMEOUT = 90.0
-DONE = "ROOT-UNLOCKED-OK"
-CLIENT = "vmtest"
 UNITS = "usr/lib/systemd/system"
-
-
-@pytest.fixture(scope="module")
-def vm_images() -> images.VmImages:
-    missing = [program for program in PROGRAMS if shutil.which(program) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run ./dev setup", pytrace=False)
-    return images.build()
-
-
-def section_for(vm_images: images.VmImages, passfile: Path) -> str:
-    """The VM client's clients.conf section, its secret the password in ``passfile``,
-    encrypted to the VM's key set by our keygen."""
-    return subprocess.run(
-        [sys.executable, "-m", "password_agent.keygen", "--dir", str(vm_images.keydir),
-         "--name", CLIENT, "--passfile", str(passfile)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True,
-        cwd=images.REPO).stdout
 
 
 @pytest.fixture
@@ -63,16 +45,11 @@ def server(vm_images: images.VmImages) -> Iterator[OurServer]:
 
 
 def kernel_command_line(disk: images.Disk, *extra: str) -> str:
-    uuid = disk.luks_uuid
+    """Over qemu's user networking, with the server named (slirp carries no Zeroconf)."""
     address, port = qemu.GUEST_SERVER
-    return " ".join([
-        "console=ttyS0", f"rd.luks.uuid={uuid}", f"root=/dev/mapper/luks-{uuid}",
-        "rootfstype=ext4", "rw",
-        # Every failure ends the VM at once instead of sitting at an emergency shell.
-        "rd.shell=0", "rd.emergency=poweroff", "panic=-1", "systemd.show_status=1",
-        "loglevel=4",
-        # The module writes rd.neednet=1 only into host-only images; this one is generic.
-        "ip=dhcp", "rd.neednet=1", f"mandos=connect:{address}:{port}", *extra])
+    # The module writes rd.neednet=1 only into host-only images; this one is generic.
+    return root_command_line(disk, "ip=dhcp", "rd.neednet=1",
+                             f"mandos=connect:{address}:{port}", *extra)
 
 
 def test_our_agent_unlocks_the_luks_root(vm_images: images.VmImages, server: OurServer,
@@ -82,8 +59,7 @@ def test_our_agent_unlocks_the_luks_root(vm_images: images.VmImages, server: Our
                        append=kernel_command_line(vm_images.disk), host_port=server.port,
                        log=tmp_path / "serial.log", timeout=BOOT_TIMEOUT, done_marker=DONE)
     console = result.text
-    context = f"serial console ({result.log}), last lines:\n" + "\n".join(
-        console.splitlines()[-40:])
+    context = console_context(result)
 
     assert not result.timed_out, f"no {DONE} within {BOOT_TIMEOUT:g} s; {context}"
     assert result.first(DONE) is not None, f"the root was not reached; {context}"
@@ -131,8 +107,7 @@ def test_a_wrong_password_is_sent_once_and_never_again(vm_images: images.VmImage
                            host_port=server.port, log=tmp_path / "serial.log",
                            timeout=BOOT_TIMEOUT, done_marker=DONE)
     console = result.text
-    context = f"serial console ({result.log}), last lines:\n" + "\n".join(
-        console.splitlines()[-40:])
+    context = console_context(result)
     assert not result.timed_out, f"the VM did not power off; {context}"
     assert result.first(DONE) is None, f"a wrong password unlocked the root?; {context}"
     answered = re.findall(r"mandos-password-agent: answered ask\.\S+ \(Id cryptsetup:", console)
@@ -154,8 +129,7 @@ def test_mandos_off_leaves_the_disk_to_the_human_at_the_console(
                        typist=qemu.Typist("Please enter passphrase for disk",
                                           vm_images.passphrase.read_bytes()))
     console = result.text
-    context = f"serial console ({result.log}), last lines:\n" + "\n".join(
-        console.splitlines()[-40:])
+    context = console_context(result)
     assert not result.timed_out, f"no {DONE} within {BOOT_TIMEOUT:g} s; {context}"
     uuid = vm_images.disk.luks_uuid
     assert f"root mount: /dev/mapper/luks-{uuid} / ext4" in console, context

@@ -1,0 +1,78 @@
+"""Boots on a real LAN (tests/vm/lan.py: a tap device bridged to a veth link, in network
+namespaces of the test's own): the initramfs finds its server by Zeroconf with nothing
+configured, over IPv6 link-local, as most Mandos sites run it.
+
+The guest's network comes from the kernel command line: ``ip=eth0:link6`` is an IPv6-only
+link with nothing but its link-local address (no DHCP, no router); ``net.ifnames=0`` keeps the
+name ``eth0``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers.zeroconf import OurServerInNamespace
+from tests.vm import images, qemu
+from tests.vm.boots import (
+    BOOT_TIMEOUT,
+    CLIENT,
+    DONE,
+    console_context,
+    root_command_line,
+    section_for,
+)
+from tests.vm.lan import VmLan
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+IPV6_ONLY = ("net.ifnames=0", "ip=eth0:link6", "rd.neednet=1")
+
+
+@pytest.fixture
+def lan() -> Iterator[VmLan]:
+    with VmLan() as running:
+        yield running
+
+
+def boot_on(lan: VmLan, vm_images: images.VmImages, log: Path, *extra: str,
+            typist: qemu.Typist | None = None,
+            triggers: tuple[qemu.Trigger, ...] = ()) -> qemu.Boot:
+    return qemu.run(kernel=vm_images.kernel.vmlinuz, initrd=vm_images.initrd,
+                    append=root_command_line(vm_images.disk, *extra),
+                    devices=["-drive", f"file={vm_images.disk.image},format=raw,if=virtio,"
+                             "snapshot=on", *lan.qemu_devices()],
+                    log=log, timeout=BOOT_TIMEOUT, done_marker=DONE, typist=typist,
+                    wrap=lan.wrap, triggers=triggers)
+
+
+def assert_unlocked(result: qemu.Boot, vm_images: images.VmImages) -> None:
+    context = console_context(result)
+    assert not result.timed_out, f"no {DONE} within {BOOT_TIMEOUT:g} s; {context}"
+    assert result.first(DONE) is not None, f"the root was not reached; {context}"
+    uuid = vm_images.disk.luks_uuid
+    assert f"root mount: /dev/mapper/luks-{uuid} / ext4" in result.text, context
+    assert "Traceback" not in result.text, context
+
+
+def test_our_agent_finds_our_server_by_zeroconf_over_ipv6_link_local(
+        lan: VmLan, vm_images: images.VmImages, tmp_path: Path) -> None:
+    """Neither ``mandos=connect:`` nor ``--connect``, and an IPv6-only link with no address
+    but its link-local one: the agent browses, finds our server's announcement and fetches
+    over IPv6 link-local (boots 1 and 6 of the boot matrix)."""
+    section = section_for(vm_images, vm_images.passphrase)
+    with tempfile.TemporaryDirectory(prefix="mandos-test-lan-") as directory, \
+            OurServerInNamespace(lan.server, section, Path(directory)) as server:
+        result = boot_on(lan, vm_images, tmp_path / "serial.log", *IPV6_ONLY)
+        output = server.output()
+    assert_unlocked(result, vm_images)
+    context = console_context(result)
+    assert result.first(r"mandos-password-agent: Zeroconf found \[fe80::") is not None, context
+    assert result.first(r"mandos-password-agent: \[fe80::\S+ sent \d+ bytes") is not None, \
+        context
+    assert result.first(r"mandos-password-agent: answered ask\.") is not None, context
+    sent = [line for line in output.splitlines() if "secret-sent" in line]
+    assert len(sent) == 1 and f"client={CLIENT}" in sent[0] and "peer=fe80::" in sent[0], output
