@@ -36,6 +36,7 @@ from tests.peers.journald import PrivateJournal
 from tests.peers.mounts import fill, remount, tmpfs
 from tests.peers.ours import OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import section_secret
+from tests.test_server_systemd import NotifySocket
 
 CRASHES = 200
 
@@ -264,13 +265,14 @@ def _one_err(entries: list[dict[str, str]], *words: str) -> dict[str, str]:
 def test_a_full_disk_at_a_state_write_keeps_the_old_file_and_serving(
         keys: Keys, tmp_path: Path) -> None:
     """The state directory's file system fills up: one err entry naming the file and the
-    cause (not one per write), the old state file whole, unlocks go on; when space returns, the
-    next write succeeds and says so."""
+    cause (not one per write), STATUS= says so, the old state file whole, unlocks go on; when
+    space returns, the next write succeeds and says so."""
     blob = section_secret(keys.foo_section)
     server = OurServer(clients_conf(keys.foo_section), directory=tmp_path)
+    notify = NotifySocket(tmp_path)
     with tmpfs(server.statedir, "256k"):
         try:
-            server.start()
+            server.start(env={"NOTIFY_SOCKET": str(notify.path)})
             assert server.journal is not None
             state = server.statedir / FILENAME
             old = state.read_bytes()
@@ -281,6 +283,8 @@ def test_a_full_disk_at_a_state_write_keeps_the_old_file_and_serving(
                 time.sleep(0.6)
                 assert fetch(keys.foo, "127.0.0.1", server.port) == blob
             _one_err(server.journal.find("state-problem"), str(state), "No space left on device")
+            notify.wait_for("STATUS=CANNOT SAVE STATE (No space left on device); 1 clients",
+                            prefix=True)
             assert state.read_bytes() == old
             assert sorted(os.listdir(server.statedir)) == [FILENAME, filler.name]
             filler.unlink()
@@ -289,9 +293,12 @@ def test_a_full_disk_at_a_state_write_keeps_the_old_file_and_serving(
             assert saved["PRIORITY"] == "5" and "again" in saved["MESSAGE"], saved
             document = json.loads(state.read_bytes())
             assert document["clients"]["foo"]["state"]["last_secret_sent"] is not None
+            notify.messages.clear()
+            notify.wait_for("STATUS=1 clients", prefix=True)
             assert server.stop() == 0
         finally:
             server.close()
+            notify.close()
 
 
 def test_a_read_only_state_directory_is_an_error_and_serving_goes_on(
