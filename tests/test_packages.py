@@ -203,6 +203,43 @@ AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
                "/usr/share/man/man8/mandos-keygen.8.gz")
 
 
+#: Run by the installed /usr/bin/python3 as the commands run it (-I, the private directory
+#: first): import every module of the packages named, then print where each top-level module
+#: came from.
+IMPORT_ALL = """
+import importlib, pkgutil, sys
+sys.path.insert(0, sys.argv[1])
+for name in sys.argv[2:]:
+    package = importlib.import_module(name)
+    for module in pkgutil.walk_packages(package.__path__, name + "."):
+        if not module.name.endswith(".__main__"):
+            importlib.import_module(module.name)
+for name, module in sorted(sys.modules.items()):
+    if "." not in name and getattr(module, "__file__", None):
+        print(name, module.__file__)
+"""
+#: What each package's modules must get from its private directory, and from Debian.
+PRIVATE = {"mandos-server": {"zeroconf", "ifaddr", "dbus_fast", "sdnotify"},
+           "mandos-password-agent": {"zeroconf", "ifaddr", "gnupg", "inotify_simple",
+                                     "sdnotify"}}
+FROM_DEBIAN = {"mandos-server": set(), "mandos-password-agent": {"cryptography"}}
+OURS = {"mandos-server": ("server", "mandos_protocol"),
+        "mandos-password-agent": ("password_agent", "mandos_protocol")}
+
+
+def check_imports(root: Root, package: str) -> None:
+    """Every module of ours imports under the installed interpreter, with its dependencies
+    from the package's private directory (not from Debian's older python3-zeroconf or
+    python3-gnupg) or from Debian where Debian's serve."""
+    private = f"/usr/lib/{package}"
+    loaded = dict(line.split(" ", 1) for line in root.lines(
+        f"/usr/bin/python3 -I -c {shlex.quote(IMPORT_ALL)} {private} {' '.join(OURS[package])}"))
+    for name in PRIVATE[package] | set(OURS[package]):
+        assert loaded[name].startswith(private + "/"), (name, loaded[name])
+    for name in FROM_DEBIAN[package]:
+        assert loaded[name].startswith("/usr/lib/python3/dist-packages/"), (name, loaded[name])
+
+
 def enabled(root: Root, unit: str) -> str:
     return root.run(f"systemctl is-enabled {unit}", check=False).stdout.strip()
 
@@ -237,6 +274,8 @@ def check_installed(root: Root, build: Build) -> None:
     # The commands run under /usr/bin/python3 from the private directories.
     for command in ("mandos-server", "mandos-ctl", "mandos-password-agent", "mandos-keygen"):
         assert "usage:" in root.run(f"{command} --help").stdout
+    for package in PACKAGES:
+        check_imports(root, package)
 
 
 def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -> None:
