@@ -128,10 +128,15 @@ def read_ask_file(path: Path) -> str:
 
     Raises ``OSError`` (ENOENT when it went away) or ``ValueError`` with the reason."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(descriptor, "rb") as stream:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise ValueError("it is not a regular file")
+        # (os.fdopen() of a directory raises without closing the descriptor: check first)
+        stream = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with stream:
         data = stream.read(MAX_ASK_SIZE + 1)
     if len(data) > MAX_ASK_SIZE:
         raise ValueError(f"it is larger than {MAX_ASK_SIZE} bytes")
