@@ -48,6 +48,7 @@ _KEYCTL_LINK = 8
 _KEYCTL_SEARCH = 10
 _KEYCTL_READ = 11
 _KEYCTL_SET_TIMEOUT = 15
+_KEYCTL_INVALIDATE = 21
 #: What a search answers for a key that is not there (any more).
 _GONE = (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED)
 #: The type of the keys kept: a blob that only its possessor reads.
@@ -109,3 +110,16 @@ def load(description: str, size: int, lifetime: int) -> bytes | None:
     payload = buffer.raw[:min(length, size)]
     ctypes.memset(buffer, 0, size)
     return payload
+
+
+def discard(description: str) -> None:
+    """Remove the key under ``description`` from the user keyring at once, if it is there
+    (for whoever removes what the key belongs to: the tests, their run directories)."""
+    _possess()
+    try:
+        serial = _keyctl(_KEYCTL_SEARCH, _KEY_SPEC_USER_KEYRING, _TYPE,
+                         os.fsencode(description), 0)
+        _keyctl(_KEYCTL_INVALIDATE, serial)
+    except OSError as error:
+        if error.errno not in _GONE:
+            raise

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from password_agent import answered
+from password_agent import answered, keyring
 from password_agent.answered import AnsweredRecord, key_description
 
 PASSWORD = b"correct horse battery staple"
@@ -184,6 +184,15 @@ def test_a_record_whose_key_expired_starts_afresh(tmp_path: Path,
     assert re.findall(r"(?m)^[0-9a-f]{64}$", path.read_text()) == []  # the old hashes are gone
     record.add(ID, PASSWORD)
     assert AnsweredRecord(path).contains(ID, PASSWORD)
+
+
+def test_a_discarded_key_leaves_the_record_untrusted(tmp_path: Path) -> None:
+    """What the tests' agent peer does when it stops (tests/peers/agent.py)."""
+    path = tmp_path / "answered"
+    AnsweredRecord(path).add(ID, PASSWORD)
+    keyring.discard(key_description(path))
+    keyring.discard(key_description(path))  # gone already: nothing to do
+    assert not AnsweredRecord(path).contains(ID, PASSWORD)
 
 
 def test_without_the_keyring_answers_are_remembered_until_exit_and_the_file_emptied(

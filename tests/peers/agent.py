@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from password_agent import keyring
+from password_agent.answered import key_description
 from tests.peers.leaks import WATCH
 from tests.peers.upstream import KeySet
 
@@ -64,9 +66,13 @@ class AgentRun:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
+        """Kill the agent if it still runs, and drop its record's key from root's keyring,
+        where it would otherwise stay for a day after the test."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        if self.run_directory is not None:
+            keyring.discard(key_description(self.run_directory / "answered"))
 
 
 def processes_mentioning(text: str) -> list[str]:
