@@ -14,9 +14,12 @@
 #   mandos_agent_zeroconf="no"       leave out Zeroconf browsing (about 4.5 MB unpacked); the
 #                                    agent then needs a server from mandos=connect:ADDRESS:PORT
 #                                    or from a drop-in with --connect
-# The module is included only when asked for (add_dracutmodules+=" mandos-agent ", which the
-# mandos-password-agent package's /usr/lib/dracut/dracut.conf.d/90-mandos-agent.conf says), and
-# only when the key set is there.
+# The module includes itself in every initramfs once the key set is there (check() says 0), so
+# that after installing the mandos-password-agent package and running mandos-keygen a plain
+# "dracut -f" takes the agent along.  Without the keys it is left out with a warning, and the
+# build goes on: a package-wide add_dracutmodules+=" mandos-agent " would instead fail every
+# build (kernel upgrades too) until mandos-keygen ran, since dracut gives up on a module it was
+# asked for that cannot be installed.
 
 # Where the mandos-password-agent package installs the agent's Python packages (ours and those
 # Debian lacks or ships too old), and where the initramfs keeps them: the agent's unit puts this
@@ -54,7 +57,7 @@ check() {
                  "run mandos-keygen"
         return 1
     fi
-    return 255
+    return 0
 }
 
 depends() {
