@@ -198,7 +198,6 @@ AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
                "/lib/systemd/system/mandos-password-agent.path",
                "/lib/systemd/system/mandos-password-agent.service",
                "/usr/lib/dracut/modules.d/90mandos-agent/module-setup.sh",
-               "/usr/lib/dracut/dracut.conf.d/90-mandos-agent.conf",
                "/usr/share/man/man8/mandos-password-agent.8.gz",
                "/usr/share/man/man8/mandos-keygen.8.gz")
 
@@ -238,6 +237,12 @@ def check_imports(root: Root, package: str) -> None:
         assert loaded[name].startswith(private + "/"), (name, loaded[name])
     for name in FROM_DEBIAN[package]:
         assert loaded[name].startswith("/usr/lib/python3/dist-packages/"), (name, loaded[name])
+
+
+def dracut(root: Root) -> str:
+    """Build /tmp/initrd.img with the root's dracut and configuration; its output."""
+    return root.run("dracut --force --no-kernel --kver 0.0.0-test --no-compress"
+                    " /tmp/initrd.img 2>&1").stdout
 
 
 def enabled(root: Root, unit: str) -> str:
@@ -293,15 +298,23 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
     install(root, first)
     check_installed(root, first)
 
-    # The installed keygen (Debian's python3-cryptography, gpg) and plain dracut: the package's
-    # dracut.conf.d file adds the module, which finds the agent in the package's directory.
-    root.run("mandos-keygen --force >/dev/null")
+    # Plain dracut (no kernel here, so no kernel modules).  Before mandos-keygen made the keys,
+    # it warns, leaves the module out and builds the initramfs all the same.
+    root.run("mkdir /etc/keys/mandos.debian\nmv /etc/keys/mandos/* /etc/keys/mandos.debian/")
+    log = dracut(root)
+    assert "mandos-agent: no Mandos key set" in log
+    assert "mandos-password-agent" not in root.run("lsinitrd /tmp/initrd.img").stdout
+    # The installed keygen (Debian's python3-cryptography, gpg), into the directory the
+    # package made; then the module includes itself and finds the agent in the package's
+    # directory.
+    assert root.stat("/etc/keys/mandos") == ("root", "root", 0o700)
+    root.run("mandos-keygen >/dev/null")
     assert root.stat("/etc/keys/mandos/seckey.txt") == ("root", "root", 0o600)
-    root.run("dracut --force --no-kernel --kver 0.0.0-test --no-compress /tmp/initrd.img"
-             " >/tmp/dracut.log 2>&1 || { cat /tmp/dracut.log; exit 1; }")
+    dracut(root)
     listing = root.run("lsinitrd /tmp/initrd.img").stdout
     for path in ("usr/lib/mandos-password-agent/password_agent/cli.py",
                  "usr/lib/mandos-password-agent/gnupg.py",
+                 "usr/lib/mandos-password-agent/zeroconf/__init__.py",
                  "usr/lib/systemd/system/mandos-password-agent.service",
                  "etc/mandos/keys/tls-privkey.pem"):
         assert path in listing, path
@@ -329,6 +342,7 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
     assert ADMIN_SECTION in root.read("/etc/mandos/clients.conf")
     assert root.stat("/etc/mandos/clients.conf") == ("root", "_mandos", 0o640)
     assert root.read("/var/lib/mandos/clients.json") == STATE
+    assert root.exists("/etc/keys/mandos/seckey.txt")
 
     # Purge: configuration and state go; the user stays (Debian keeps system users).
     root.run("dpkg --purge " + " ".join(PACKAGES))
@@ -337,14 +351,15 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
     assert not root.exists("/etc/mandos/clients.conf")
     assert not root.exists("/etc/mandos/mandos.conf")
     assert not root.exists("/var/lib/mandos")
+    assert not root.exists("/etc/keys/mandos")
     assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.conf || true")
     assert root.lines("getent passwd _mandos | cut -d: -f1") == ["_mandos"]
     # deb-systemd-helper removed the symlinks that enabled the units.
     assert not root.lines("find /etc/systemd/system -name 'mandos*'")
     # Nothing else of ours is left: every file the steps made or changed that names Mandos
     # belongs to Debian's removed packages (dpkg's records, the init script that mandos's
-    # postrm made non-executable) or is one of the keys the admin made.
+    # postrm made non-executable, its keys moved aside).
     debians = ("/var/lib/dpkg/info/mandos.", "/var/lib/dpkg/info/mandos-client.",
                "/etc/init.d/mandos")
     assert [path for path in root.changed()
-            if not path.startswith((*debians, "/etc/keys/mandos/"))] == []
+            if not path.startswith((*debians, "/etc/keys/mandos.debian/"))] == []
