@@ -4,10 +4,12 @@ configuration files, durations, the protocol line, and the D-Bus property setter
 The property is the same everywhere: the code returns a value that obeys its rules, or fails
 with the one documented error type of its package (``ProtocolError``, ``ConfigError``, a D-Bus
 error reply of a documented name, an ``Ignored`` request with its reason); nothing else is
-raised, no secret appears in a message, and nothing hangs (a per-example deadline, and the
-pytest timeout for the whole test).  Every test runs 10,000 generated cases with a fixed seed
-(``derandomize``), so a run in CI tries exactly what a run here tried; the bugs found are kept
-as ``@example``\\s.
+raised, no secret appears in a message, no file descriptor is left open, and nothing hangs
+(a per-example deadline, and the pytest timeout of each test).  Each target gets 10,000
+generated cases in-process, with a fixed seed (``derandomize``), so that a run in CI tries
+exactly what a run here tried; smaller runs send the same kind of input through the real
+peers (our server over loopback, a dbus-daemon) to show that the in-process path is the one
+they take.  Each bug found is kept as an ``@example`` or a regression test beside the test.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime
+import gc
 import hashlib
 import io
 import os
@@ -65,10 +68,12 @@ pytestmark = pytest.mark.slow
 
 CASES = 10_000
 
-#: 10,000 cases, the same ones on every run; an example slower than a second is a failure
-#: (a hang is caught by the pytest timeout of the test).
-FUZZ = settings(max_examples=CASES, deadline=datetime.timedelta(seconds=1), derandomize=True,
+#: 10,000 cases, the same ones on every run; an in-process example slower than 2 s (they take
+#: about a millisecond) is a failure, and a hang is caught by the pytest timeout of the test.
+FUZZ = settings(max_examples=CASES, deadline=datetime.timedelta(seconds=2), derandomize=True,
                 database=None, suppress_health_check=[HealthCheck.too_slow])
+#: The same for the smaller runs through real peers, whose calls have their own deadlines.
+THROUGH_PEERS = settings(FUZZ, deadline=None)
 
 
 def one_line(message: str) -> bool:
@@ -89,11 +94,13 @@ def fast_tmp() -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def no_descriptor_left() -> Iterator[None]:
-    """Every test ends with the file descriptors it started with: 10,000 cases turn a leak
-    of one descriptor in some case into hundreds."""
+    """Every test ends with about the file descriptors it started with: 10,000 cases turn a
+    leak of one descriptor in some case into hundreds (one or two come and go with pytest
+    and the garbage collector)."""
     before = len(os.listdir("/proc/self/fd"))
     yield
-    assert len(os.listdir("/proc/self/fd")) == before, "file descriptors left open"
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) - before < 5, "file descriptors left open"
 
 
 # --- generating input from a grammar ------------------------------------------------------------
@@ -149,8 +156,6 @@ class Grammar:
 def cases(max_size: int = 48) -> st.SearchStrategy[tuple[bytes, str]]:
     """What a grammar reads: the choice bytes and the free text."""
     return st.tuples(st.binary(max_size=max_size), st.text(max_size=16))
-
-
 
 
 # --- 1. ask files -----------------------------------------------------------------------------
@@ -628,7 +633,7 @@ def test_protocol_line_1000_cases_against_our_server() -> None:
     server.start()
     answers = {"ClientHello": 0, "closed": 0}
     try:
-        @settings(FUZZ, max_examples=1000)
+        @settings(THROUGH_PEERS, max_examples=1000)
         @given(cases(32))
         def check(case: tuple[bytes, str]) -> None:
             data = PROTOCOL_LINES.expand("stream", *case).encode("utf-8", "surrogateescape")
@@ -902,7 +907,7 @@ def test_dbus_setters_500_cases_through_a_real_bus(client_conf: Path,
         server.start(env={"DBUS_SYSTEM_BUS_ADDRESS": private_bus.address})
         connection = loop.run_until_complete(connect())
 
-        @settings(FUZZ, max_examples=500)
+        @settings(THROUGH_PEERS, max_examples=500)
         @given(property_sets())
         def check(change: tuple[str, Variant]) -> None:
             loop.run_until_complete(both(*change))
