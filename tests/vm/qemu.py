@@ -56,11 +56,12 @@ class Boot:
 
 @dataclass(frozen=True)
 class Typist:
-    """A human at the serial console: once the console shows ``prompt`` (no newline needed),
-    type ``text`` and Enter, once."""
+    """A human at the serial console: ``after`` seconds after the console showed ``prompt``
+    (no newline needed), type ``text`` and Enter, once."""
 
     prompt: str
     text: bytes
+    after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def run(*, kernel: Path, initrd: Path, append: str, devices: list[str], log: Pat
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         assert process.stdout is not None
         console = b""  # what the guest printed, for the typist to read
+        prompted: float | None = None  # when the typist saw the prompt
         typed = False
         os.set_blocking(process.stdout.fileno(), False)
         pending = b""
@@ -126,16 +128,18 @@ def run(*, kernel: Path, initrd: Path, append: str, devices: list[str], log: Pat
                 chunk = _read(process.stdout.fileno())
                 if chunk is None:
                     break  # qemu closed its output: it has exited
+                if typist is not None and not typed:
+                    console += chunk
+                    if prompted is None and typist.prompt.encode() in console:
+                        prompted = now
+                    if prompted is not None and now >= prompted + typist.after:
+                        assert process.stdin is not None
+                        process.stdin.write(typist.text + b"\r")
+                        process.stdin.flush()
+                        typed = True
                 if chunk:
                     output.write(chunk)
                     output.flush()
-                    if typist is not None and not typed:
-                        console += chunk
-                        if typist.prompt.encode() in console:
-                            assert process.stdin is not None
-                            process.stdin.write(typist.text + b"\r")
-                            process.stdin.flush()
-                            typed = True
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
                     for line in lines:

@@ -9,6 +9,7 @@ name ``eth0``.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,3 +77,30 @@ def test_our_agent_finds_our_server_by_zeroconf_over_ipv6_link_local(
     assert result.first(r"mandos-password-agent: answered ask\.") is not None, context
     sent = [line for line in output.splitlines() if "secret-sent" in line]
     assert len(sent) == 1 and f"client={CLIENT}" in sent[0] and "peer=fe80::" in sent[0], output
+
+
+def test_no_server_the_human_types_the_passphrase(lan: VmLan, vm_images: images.VmImages,
+                                                  tmp_path: Path) -> None:
+    """No server anywhere (boot 4): the agent browses and retries meanwhile, the passphrase
+    typed at systemd's console prompt (8 s after it appeared) unlocks the root, there is no
+    emergency shell, and switch-root's SIGTERM stops the agent within a second, leaving no
+    GnuPG home in /run."""
+    result = boot_on(lan, vm_images, tmp_path / "serial.log", *IPV6_ONLY,
+                     typist=qemu.Typist("Please enter passphrase for disk",
+                                        vm_images.passphrase.read_bytes(), after=8.0))
+    assert_unlocked(result, vm_images)
+    context = console_context(result)
+    assert result.first(r"(?i)emergency (mode|shell)|emergency\.(target|service)") is None, \
+        context
+    assert len(re.findall(r"mandos-password-agent: Zeroconf found no Mandos server",
+                          result.text)) >= 2, f"the agent did not keep trying; {context}"
+    assert result.first(r"mandos-password-agent: answered") is None, context
+    stopping = result.first(r"Stopping .*Requests to a Mandos Server\.\.\.")
+    stopped = result.first(r"mandos-password-agent: terminated by SIGTERM; exiting")
+    assert stopping is not None and stopped is not None, context
+    print(f"the agent stopped {stopped - stopping:.2f} s after systemd began to stop it")
+    assert stopped - stopping <= 1.0, f"stopped {stopped - stopping:.2f} s after SIGTERM; {context}"
+    run_directory = next(line for _, line in result.arrivals
+                         if line.startswith("agent run directory:"))
+    assert "gnupg" not in run_directory, context
+    assert "gpg-agent processes: 0" in result.text, context
