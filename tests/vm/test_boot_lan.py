@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.zeroconf import OurServerInNamespace
+from tests.peers.dbus import PrivateSystemBus
+from tests.peers.upstream import UpstreamServer
+from tests.peers.zeroconf import AvahiDaemon, OurServerInNamespace
 from tests.vm import images, qemu
 from tests.vm.boots import (
     BOOT_TIMEOUT,
@@ -104,3 +106,21 @@ def test_no_server_the_human_types_the_passphrase(lan: VmLan, vm_images: images.
                          if line.startswith("agent run directory:"))
     assert "gnupg" not in run_directory, context
     assert "gpg-agent processes: 0" in result.text, context
+
+
+def test_our_agent_unlocks_from_debians_mandos_announced_by_avahi(
+        lan: VmLan, vm_images: images.VmImages, private_bus: PrivateSystemBus,
+        tmp_path: Path) -> None:
+    """A mixed fleet (boot 2): Debian's own ``mandos`` server, announced by a real
+    ``avahi-daemon``, hands our agent the password."""
+    section = section_for(vm_images, vm_images.passphrase)
+    with AvahiDaemon(lan.server, private_bus), UpstreamServer(
+            section, address=None, zeroconf=True, interface=lan.server.interface,
+            netns=lan.server.netns, bus=private_bus, debug=True) as server:
+        result = boot_on(lan, vm_images, tmp_path / "serial.log", *IPV6_ONLY)
+        log = server.log_text()
+    assert_unlocked(result, vm_images)
+    context = console_context(result)
+    fetched = result.first(rf"mandos-password-agent: \[fe80::\S+\]:{server.port} sent \d+ bytes")
+    assert fetched is not None, f"not fetched from upstream's server; {context}\n{log}"
+    assert f"Sending secret to {CLIENT}" in log, log
