@@ -10,6 +10,7 @@ name ``eth0``.
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.upstream import UpstreamServer
-from tests.peers.zeroconf import AvahiDaemon, OurServerInNamespace
+from tests.peers.zeroconf import PORT as ZEROCONF_PORT
+from tests.peers.zeroconf import AvahiDaemon, BackgroundProgram, OurServerInNamespace
 from tests.vm import images, qemu
 from tests.vm.boots import (
     BOOT_TIMEOUT,
@@ -124,3 +126,50 @@ def test_our_agent_unlocks_from_debians_mandos_announced_by_avahi(
     fetched = result.first(rf"mandos-password-agent: \[fe80::\S+\]:{server.port} sent \d+ bytes")
     assert fetched is not None, f"not fetched from upstream's server; {context}\n{log}"
     assert f"Sending secret to {CLIENT}" in log, log
+
+
+#: A TCP listener with a backlog of 0 whose one queued connection is never accepted: the
+#: kernel drops every SYN to a full accept queue, so, seen from the guest, a server whose
+#: packets vanish.
+BLACK_HOLE = ("import socket, sys, time\n"
+              "s = socket.socket(socket.AF_INET6); s.bind(('::', int(sys.argv[1])))\n"
+              "s.listen(0)\n"
+              "c = socket.create_connection(('::1', int(sys.argv[1])))\n"
+              "print('READY', flush=True); time.sleep(3600)\n")
+
+
+def black_hole(lan: VmLan, port: int) -> BackgroundProgram:
+    """:data:`BLACK_HOLE` on ``port`` of the server host, for a ``with``."""
+    return BackgroundProgram(lan.pair.wrap(lan.server, [sys.executable, "-c", BLACK_HOLE,
+                                                        str(port)]), ready="READY")
+
+
+def _request_to_answer(result: qemu.Boot) -> float:
+    request = result.first(r"mandos-password-agent: request ask\.")
+    answered = result.first(r"mandos-password-agent: answered ask\.")
+    assert request is not None and answered is not None, console_context(result)
+    return answered - request
+
+
+def test_a_black_holed_first_server_costs_under_a_second(
+        lan: VmLan, vm_images: images.VmImages, tmp_path: Path) -> None:
+    """Two servers given, the first black-holed (boot 7): the unlock takes at most a second
+    longer than with the good server alone, in two boots of the same run."""
+    section = section_for(vm_images, vm_images.passphrase)
+    good = f"{lan.server.link_local}%eth0:{ZEROCONF_PORT}"
+    dead = f"{lan.server.link_local}%eth0:{ZEROCONF_PORT + 1}"
+    with tempfile.TemporaryDirectory(prefix="mandos-test-lan-") as directory, \
+            OurServerInNamespace(lan.server, section, Path(directory)), \
+            black_hole(lan, ZEROCONF_PORT + 1):
+        seconds = {}
+        for name, servers in (("alone", [good]), ("behind", [dead, good])):
+            options = " ".join(f"--connect={server}" for server in servers)
+            result = boot_on(lan, vm_images, tmp_path / f"serial-{name}.log", *IPV6_ONLY,
+                             f'"systemd.setenv=MANDOS_PASSWORD_AGENT_OPTIONS={options}"')
+            assert_unlocked(result, vm_images)
+            seconds[name] = _request_to_answer(result)
+    print(f"request to answer: {seconds['alone']:.2f} s with the server alone, "
+          f"{seconds['behind']:.2f} s behind a black hole")
+    assert result.first(rf"mandos-password-agent: \[{lan.server.link_local}%eth0\]:"
+                        rf"{ZEROCONF_PORT} sent") is not None, console_context(result)
+    assert seconds["behind"] <= seconds["alone"] + 1.0, seconds
