@@ -627,6 +627,7 @@ def test_protocol_line_10000_cases() -> None:
     print(f"protocol lines: {verdicts}")
 
 
+@pytest.mark.interop
 @pytest.mark.timeout(120)
 def test_protocol_line_1000_cases_against_our_server() -> None:
     """The same streams, fewer, to our real server over loopback, each followed by the end
@@ -871,6 +872,7 @@ def test_dbus_setters_10000_cases(client_conf: Path) -> None:
     print(f"D-Bus setters: {verdicts}")
 
 
+@pytest.mark.interop
 @pytest.mark.timeout(120)
 def test_dbus_setters_500_cases_through_a_real_bus(client_conf: Path,
                                                    private_bus: PrivateSystemBus) -> None:
