@@ -20,6 +20,7 @@ purge (both gone, nothing of ours left but the user).
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -239,6 +240,39 @@ def check_imports(root: Root, package: str) -> None:
         assert loaded[name].startswith("/usr/lib/python3/dist-packages/"), (name, loaded[name])
 
 
+#: The installed programs end to end, in the root: mandos-keygen makes the clients.conf
+#: section, mandos-server serves it on loopback, and mandos-password-agent answers a real
+#: systemd-ask-password request with it.  $1 is the port, $2 the password.
+UNLOCK = r"""
+printf '%s' "$2" > /root/password
+mandos-keygen --passfile /root/password --no-ssh --name packaged >> /etc/mandos/clients.conf
+rm /root/password
+mandos-server --foreground --no-dbus --no-zeroconf --address ::1 --port "$1" \
+    >/tmp/server.log 2>&1 &
+server=$!
+mkdir -p /run/systemd/ask-password
+systemd-ask-password --no-tty --timeout=40 --id=cryptsetup:packaged 'Password:' \
+    >/tmp/answer &
+ask=$!
+status=0
+mandos-password-agent --connect "[::1]:$1" --keydir /etc/keys/mandos --timeout 30 \
+    --kernel-cmdline /dev/null 2>/tmp/agent.log || status=$?
+wait "$ask" || status=$?
+kill -TERM "$server"
+wait "$server" || true
+cat /tmp/answer
+[ "$status" = 0 ] || { cat /tmp/agent.log /tmp/server.log >&2; exit "$status"; }
+"""
+
+
+def unlock(root: Root, password: str) -> str:
+    """What systemd-ask-password printed (see UNLOCK)."""
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    return root.run(f"set -- {port} {shlex.quote(password)}\n{UNLOCK}").stdout
+
+
 def dracut(root: Root) -> str:
     """Build /tmp/initrd.img with the root's dracut and configuration; its output."""
     return root.run("dracut --force --no-kernel --kver 0.0.0-test --no-compress"
@@ -319,6 +353,7 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
                  "etc/mandos/keys/tls-privkey.pem"):
         assert path in listing, path
     assert root.stat("/tmp/initrd.img") == ("root", "root", 0o600)
+    assert unlock(root, "packaged-password") == "packaged-password\n"
 
     # Upgrade: the configuration (also as changed since), the state and the mode are kept.
     root.run("printf '\\n# changed by the admin\\n' >> /etc/mandos/mandos.conf\n"
