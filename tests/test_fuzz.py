@@ -178,7 +178,11 @@ def ask_directory(fast_tmp: Path) -> Iterator[tuple[Path, FakeRequester, Grammar
             grammar = Grammar({
                 "file": ["[Ask]{nl}{request}{lines}", "[Ask]{nl}{lines}{request}",
                          "[Ask]{nl}{lines}", "{lines}", "[Ask]{nl}{request}Message={big}"],
-                "request": ["PID={pid}{nl}Socket={socket}{nl}Id={id}{nl}NotAfter={number}{nl}"],
+                # (the values that come first are the ones that vary most alone: once the
+                # choice bytes run out, the rest is a valid request)
+                "request": ["NotAfter={number}{nl}PID={pid}{nl}Socket={socket}{nl}Id={id}{nl}",
+                            "PID={pid}{nl}Socket={socket}{nl}Id={id}{nl}NotAfter={number}{nl}",
+                            "Id={id}{nl}Socket={socket}{nl}PID={pid}{nl}"],
                 "lines": ["", "{line}{nl}{lines}", "{line}{nl}{line}{nl}{lines}"],
                 "nl": ["\n", "\r\n", "\r", "\x85", "\u2028", "\n\n"],
                 "line": ["PID={pid}", "Socket={socket}", "NotAfter={number}", "Id={id}",
@@ -191,8 +195,8 @@ def ask_directory(fast_tmp: Path) -> Iterator[tuple[Path, FakeRequester, Grammar
                 "pid": [str(os.getpid()), str(dead.pid), str(zombie.pid), "{number}"],
                 "number": ["0", "{int}", "", "-1", str(now - 1), str(now + 10**8),
                            str(2**31), str(2**63), str(2**64), str(2**70), str(1 << 22),
-                           str((1 << 22) + 1), "9" * 5000, " 7 ", "1_000", "\u0663", "0x10",
-                           "1e9", "{int}{junk}", "{free}"],
+                           str((1 << 22) + 1), "9" * 400, "9" * 5000, " 7 ", "1_000", "\u0663",
+                           "0x10", "1e9", "{int}{junk}", "{free}"],
                 "socket": [
                     sock, sock + "x", str(directory), f"{directory}/", str(directory / "ask.fuzz"),
                     name, f"{directory}/../{directory.name}/{name}",
@@ -237,6 +241,8 @@ def _check_ask_file(directory: Path, data: bytes, kind: str, all_requests: bool)
     assert isinstance(result, AskRequest) and kind == "file"
     assert result.pid > 0 and pid_alive(result.pid)
     assert result.not_after >= 0 and not result.expired()
+    left = result.seconds_left()  # what the agent's waits compute with
+    assert left is None or left >= 0
     assert socket_problem(result.socket, directory) is None
     assert all_requests or (result.id or "").startswith("cryptsetup:")
     values = parse_ask(data.decode("utf-8", "surrogateescape"))
