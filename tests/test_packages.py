@@ -43,6 +43,11 @@ APT_INSTALL = ("apt-get install -y -q --no-install-recommends -o Dpkg::Options::
 ADMIN_SECTION = "\n[admins-client]\nkey_id = " + "ab" * 32 + "\nsecret = c2VjcmV0\n"
 #: What the server would have saved.
 STATE = '{"clients": {}}\n'
+#: The lintian tags left (not overridden), each justified in the README: the packages are not
+#: uploaded to Debian, so no ITP bug is closed; the server runs under systemd only (socket
+#: activation, Type=notify).  A new tag fails the test until it is fixed or justified there.
+JUSTIFIED_TAGS = {"initial-upload-closes-no-bugs",
+                  "package-supports-alternative-init-but-no-init.d-script"}
 
 pytestmark = pytest.mark.slow
 
@@ -317,9 +322,15 @@ def check_installed(root: Root, build: Build) -> None:
         check_imports(root, package)
 
 
+def test_lintian(builds: tuple[Build, Build]) -> None:
+    """No error (packaging/build.py fails on one), and only the warnings the README justifies."""
+    tags = {line.split()[2] for line in builds[0].lintian.splitlines()
+            if line[:3] in ("E: ", "W: ", "I: ", "P: ", "X: ")}
+    assert tags <= JUSTIFIED_TAGS
+
+
 def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -> None:
     first, second = builds
-    assert " E: " not in first.lintian and not first.lintian.startswith("E: ")
 
     # A migrating admin removes Debian's packages and keeps their configuration; the user and
     # the state directory are dropped too, so that ours must make them.
