@@ -42,11 +42,12 @@ from password_agent.keyfiles import KeyFiles
 from password_agent.race import Outcome, race
 from password_agent.reply import send_password
 from password_agent.rundir import hold, private_directory
-from password_agent.servers import Interfaces, Server, find_servers, wait_for_interfaces
+from password_agent.servers import Interfaces, Server, wait_for_interfaces
 from password_agent.watch import RequestWatcher
 
 if TYPE_CHECKING:
     from mandos_protocol.notify import Notifier
+    from password_agent.browse import Browser
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Agent:
         self._record: AnsweredRecord | None = None
         self._run_directory: Path | None = None
         self._decryptor: Decryptor | None = None
+        self._browser: Browser | None = None
         self._interface_checked = False
 
     def _open_record(self) -> None:
@@ -184,6 +186,7 @@ class Agent:
         finally:
             if notifier is not None:
                 notifier.notify("STOPPING=1")
+            self._close_browser()
             self._close_decryptor()
 
     def _run(self, notifier: Notifier | None) -> int:
@@ -198,6 +201,8 @@ class Agent:
             backoff = FIRST_BACKOFF
             while True:
                 watcher.poll()
+                if not watcher.pending:
+                    self._close_browser()
                 if not watcher.pending and self.config.watch:
                     with contextlib.suppress(AgentError):  # reported with the next request
                         self._gnupg_home()  # a fresh one, if a failed decryption removed it
@@ -220,7 +225,9 @@ class Agent:
                 self._prepare()
                 password = self._fetch_password(watcher, deadline)
                 if password is None:
-                    watcher.wait_while_pending(deadline.left(backoff))
+                    # An announcement (a server that came up) ends the back-off at once.
+                    watcher.wait_while_pending(deadline.left(backoff), wake=(
+                        None if self._browser is None else self._browser.fileno()))
                     backoff = min(backoff * 2, self.config.retry)
                     continue
                 try:
@@ -230,14 +237,36 @@ class Agent:
                     password[:] = bytes(len(password))
                 backoff = FIRST_BACKOFF
 
+    def _servers(self, deadline: _Deadline) -> list[Server]:
+        """The servers to ask this round: ``--connect`` if given, else those that Zeroconf
+        found so far, browsing on while requests are pending (:class:`browse.Browser`)."""
+        if self.config.connect:
+            return self.config.connect
+        if self._browser is None:
+            from password_agent.browse import Browser  # zeroconf costs 40 ms; only here
+
+            self._browser = Browser(self.config.interfaces.only)
+        found = [Server(host, port)
+                 for host, port in self._browser.servers(deadline.left(BROWSE_SECONDS))]
+        if found:
+            log.info("Zeroconf found %s", ", ".join(str(server) for server in found))
+        else:
+            log.info("Zeroconf found no Mandos server")
+        return found
+
+    def _close_browser(self) -> None:
+        """No request pending: no more Zeroconf traffic."""
+        if self._browser is not None:
+            browser, self._browser = self._browser, None
+            browser.close()
+
     def _fetch_password(self, watcher: RequestWatcher, deadline: _Deadline
                         ) -> bytearray | None:
         """One round over the servers, asked at once but staggered (:mod:`race`); the first
         password decrypted that some pending request did not get before, else one that all
         got before (to be left to the human), else None."""
         try:
-            servers = find_servers(self.config.connect, self.config.interfaces.only,
-                                   deadline.left(BROWSE_SECONDS))
+            servers = self._servers(deadline)
         except ImportError:
             raise AgentError("no --connect given and python-zeroconf is not installed; give "
                              "--connect ADDRESS:PORT or install zeroconf") from None

@@ -17,7 +17,9 @@ follow-up questions, a second later, ask for multicast answers, which reach ever
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import queue
 import socket
 import time
@@ -35,6 +37,8 @@ SERVICE_TYPE = "_mandos._tcp.local."
 
 #: Once one server is resolved, how long to wait for others before returning.
 GRACE = 0.3
+#: With no server found yet, a browse older than this is started afresh.
+RESTART_SECONDS = 2.0
 
 
 def _is_loopback(adapter: ifaddr.Adapter) -> bool:
@@ -84,48 +88,106 @@ def _order(host: str) -> int:
     return 2
 
 
-def browse(timeout: float, interface: str | None = None) -> list[tuple[str, int]]:
-    """``(host, port)`` of the Mandos servers announced on the link, best first.
+class Browser:
+    """A Zeroconf browse kept open while requests are pending, so that a server that comes up
+    later (a cold-rack start: the server boots too) is noticed when it announces itself, not
+    at the agent's next round.
 
-    Returns :data:`GRACE` seconds after the first server is resolved, or an empty list after
-    ``timeout`` seconds.  With ``interface``, only that interface is used, else every one but
-    loopback; if there is none with an address yet (early boot), the result is empty at once
-    so that the caller retries.
+    :meth:`servers` gives what has been resolved so far; :meth:`fileno` turns readable when an
+    announcement arrives, for the agent's waits.  Until a first server is found, every call of
+    :meth:`servers` after :data:`RESTART_SECONDS` starts the browse afresh on the interfaces as
+    they are then: early in the boot, a link-local address still in duplicate address
+    detection cannot be bound, and an interface that came up later would not be used.
     """
-    interfaces = _interfaces(interface)
-    if not interfaces:
-        return []
-    scope = None if interface is None else socket.if_nametoindex(interface)
-    deadline = time.monotonic() + timeout
-    found: queue.SimpleQueue[str] = queue.SimpleQueue()
 
-    def on_change(zeroconf: Zeroconf, service_type: str, name: str,
-                  state_change: ServiceStateChange) -> None:
+    def __init__(self, interface: str | None = None) -> None:
+        self.interface = interface
+        self._scope = None if interface is None else socket.if_nametoindex(interface)
+        self._zeroconf: Zeroconf | None = None
+        self._browser: ServiceBrowser | None = None
+        self._started = 0.0
+        self._names: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._found: dict[str, list[tuple[str, int]]] = {}
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        """Readable once an announcement arrived since the last :meth:`servers`."""
+        return self._wake_read
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                   state_change: ServiceStateChange) -> None:
         # Runs in python-zeroconf's thread: resolving here would block its loop.
-        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
-            found.put(name)
+        self._names.put((name, state_change is not ServiceStateChange.Removed))
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"\0")
 
-    results: dict[tuple[str, int], None] = {}
-    zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
-    try:
-        browser = ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[on_change])
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                try:
-                    name = found.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                info = ServiceInfo(SERVICE_TYPE, name)
-                if not info.request(zeroconf, max(1, int(remaining * 1000))):
-                    continue
-                for host in info.parsed_scoped_addresses(IPVersion.All):
-                    usable = _usable(host, scope)
-                    if usable is not None and info.port:
-                        results[(usable, info.port)] = None
-                if results:
-                    deadline = min(deadline, time.monotonic() + GRACE)
-        finally:
-            browser.cancel()
-    finally:
-        zeroconf.close()
-    return sorted(results, key=lambda pair: _order(pair[0]))
+    def _restart(self) -> bool:
+        """A fresh browse on the interfaces there are now; False if there is none yet."""
+        self._stop()
+        interfaces = _interfaces(self.interface)
+        if not interfaces:
+            return False
+        self._started = time.monotonic()
+        self._zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
+        self._browser = ServiceBrowser(self._zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        return True
+
+    def _resolve(self, zeroconf: Zeroconf, name: str, seconds: float) -> None:
+        info = ServiceInfo(SERVICE_TYPE, name)
+        if not info.request(zeroconf, max(1, int(seconds * 1000))) or not info.port:
+            return
+        addresses = [(usable, info.port) for host in info.parsed_scoped_addresses(IPVersion.All)
+                     if (usable := _usable(host, self._scope)) is not None]
+        if addresses:
+            self._found[name] = addresses
+
+    def servers(self, timeout: float) -> list[tuple[str, int]]:
+        """``(host, port)`` of every Mandos server found so far, best first.  With none found
+        yet, waits up to ``timeout`` seconds for one, and returns :data:`GRACE` seconds after
+        the first is resolved; empty at once if no interface has an address yet."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 4096)
+        stale = self._zeroconf is None or time.monotonic() - self._started > RESTART_SECONDS
+        if not self._found and stale and not self._restart():
+            return []
+        assert self._zeroconf is not None
+        deadline = time.monotonic() + (timeout if not self._found else 0)
+        while True:
+            try:
+                name, present = self._names.get(timeout=max(0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if not present:
+                self._found.pop(name, None)
+                continue
+            first = not self._found
+            self._resolve(self._zeroconf, name, max(1.0, deadline - time.monotonic()))
+            if first and self._found:
+                deadline = min(deadline, time.monotonic() + GRACE)
+        results = dict.fromkeys(address for found in self._found.values() for address in found)
+        return sorted(results, key=lambda pair: _order(pair[0]))
+
+    def _stop(self) -> None:
+        if self._browser is not None:
+            self._browser.cancel()
+            self._browser = None
+        if self._zeroconf is not None:
+            self._zeroconf.close()
+            self._zeroconf = None
+
+    def close(self) -> None:
+        self._stop()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def browse(timeout: float, interface: str | None = None) -> list[tuple[str, int]]:
+    """One browse: :meth:`Browser.servers` of a fresh :class:`Browser`."""
+    with Browser(interface) as browser:
+        return browser.servers(timeout)

@@ -86,21 +86,6 @@ def parse_connect(text: str, interface: str | None = None) -> Server:
     return Server(host, port)
 
 
-def find_servers(connect: list[Server], interface: str | None, browse_timeout: float
-                 ) -> list[Server]:
-    """The servers to try this round: ``connect`` if given, else those Zeroconf finds now."""
-    if connect:
-        return connect
-    from password_agent import browse  # zeroconf costs 40 ms to import; only here
-
-    found = [Server(host, port) for host, port in browse.browse(browse_timeout, interface)]
-    if found:
-        log.info("Zeroconf found %s", ", ".join(str(server) for server in found))
-    else:
-        log.info("Zeroconf found no Mandos server")
-    return found
-
-
 #: Operational states of an interface that is up (loopback and some virtual links say
 #: "unknown").
 _UP = ("up", "unknown")

@@ -219,13 +219,18 @@ class RequestWatcher:
             wake = min(wake, _RECHECK_SECONDS)
         return max(0.0, wake)
 
-    def wait_while_pending(self, seconds: float) -> None:
+    def wait_while_pending(self, seconds: float, wake: int | None = None) -> None:
         """Sleep ``seconds``, keeping the requests current; return early once none is
-        pending."""
+        pending, or once the file descriptor ``wake`` (a Zeroconf browse's) is readable."""
         until = time.monotonic() + seconds
         self.poll()
         while self.pending and time.monotonic() < until:
-            self.poll(self._next_wake(until))
+            if wake is None:
+                self.poll(self._next_wake(until))
+                continue
+            self.wait_for_socket(wake, write=False, timeout=self._next_wake(until))
+            if select.select([wake], [], [], 0)[0]:
+                return
 
     def wait_for_request(self) -> None:
         """With nothing pending (``--watch``), sleep until something is."""
