@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +175,60 @@ def test_a_black_holed_first_server_costs_under_a_second(
     assert result.first(rf"mandos-password-agent: \[{lan.server.link_local}%eth0\]:"
                         rf"{ZEROCONF_PORT} sent") is not None, console_context(result)
     assert seconds["behind"] <= seconds["alone"] + 1.0, seconds
+
+
+class LateServer:
+    """Our server, started on the server host ``delay`` seconds after the trigger fires (from
+    a timer thread: the console reader must not block); :attr:`up` is when it had announced
+    itself, in seconds after qemu started."""
+
+    def __init__(self, lan: VmLan, section: str, directory: Path, delay: float) -> None:
+        self.program = OurServerInNamespace(lan.server, section, directory)
+        self.delay = delay
+        self.up: float | None = None
+        self.error: BaseException | None = None
+        self._timer: threading.Timer | None = None
+        self._started = False
+
+    def trigger(self, pattern: str) -> qemu.Trigger:
+        def fire(elapsed: float) -> None:
+            fired = time.monotonic()
+
+            def start() -> None:
+                try:
+                    self.program.__enter__()
+                    self._started = True
+                    self.up = elapsed + time.monotonic() - fired
+                except BaseException as error:  # reported by the test
+                    self.error = error
+            self._timer = threading.Timer(self.delay, start)
+            self._timer.start()
+        return qemu.Trigger(pattern, fire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        if self._started:
+            self.program.__exit__(None, None, None)
+
+
+def test_the_server_comes_up_20_s_after_the_request(lan: VmLan, vm_images: images.VmImages,
+                                                    tmp_path: Path) -> None:
+    """A cold-rack start (boot 5): the server announces itself 20 s after the request, and
+    the agent, browsing on meanwhile, unlocks within 2 s of that."""
+    section = section_for(vm_images, vm_images.passphrase)
+    with tempfile.TemporaryDirectory(prefix="mandos-test-lan-") as directory:
+        late = LateServer(lan, section, Path(directory), delay=20.0)
+        try:
+            result = boot_on(lan, vm_images, tmp_path / "serial.log", *IPV6_ONLY,
+                             triggers=(late.trigger(r"mandos-password-agent: request ask\."),))
+        finally:
+            late.stop()
+    assert late.error is None, late.error
+    assert_unlocked(result, vm_images)
+    context = console_context(result)
+    answered = result.first(r"mandos-password-agent: answered ask\.")
+    assert late.up is not None and answered is not None, context
+    print(f"server up at {late.up:.1f} s, answered at {answered:.1f} s")
+    assert answered - late.up <= 2.0, f"answered {answered - late.up:.2f} s after; {context}"
