@@ -57,6 +57,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name == "test_secret_scan.py")
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(f"secret scan: {WATCH.summary()}")
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Every test's captured output (stdout, stderr, log records) goes through the secret
     scan."""

@@ -149,8 +149,6 @@ def test_no_secret_in_any_log_journal_state_file_argv_or_environment(
     if pytestconfig.getoption("capture") != "no":
         kinds.append("captured output")
     counts = {kind: WATCH.scanned[kind] for kind in kinds}
-    print(f"secret scan: {len(WATCH.labels())} secrets; scanned {counts}; "
-          f"{len(WATCH.leaks)} leaks")
     assert all(counts.values()), f"nothing scanned of some kind: {counts}"
     assert WATCH.leaks == [], "\n".join(f"{leak.secret} in {leak.kind}: {leak.where}"
                                         for leak in WATCH.leaks)

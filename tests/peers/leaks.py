@@ -75,10 +75,12 @@ class SecretWatch:
         for line in body[1:2] + body[len(body) // 2:len(body) // 2 + 1]:
             self._add(f"private key {label}", line)
 
-    def labels(self) -> set[str]:
-        """The secrets registered, by label."""
+    def summary(self) -> str:
+        """One line: how many secrets, what was scanned, how many findings."""
         with self._lock:
-            return set(self._needles.values())
+            scanned = ", ".join(f"{count} {kind}" for kind, count in sorted(self.scanned.items()))
+            return (f"{len(self._needles)} secret patterns; scanned {scanned or 'nothing'};"
+                    f" {len(self.leaks)} found")
 
     def scan(self, kind: str, where: str, data: bytes) -> None:
         """Count ``data`` as scanned ``kind`` and record every registered secret in it."""
