@@ -19,6 +19,7 @@ from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import JOURNALD, PrivateJournal
 from tests.peers.leaks import WATCH, ProcessSampler
 from tests.peers.netns import VethPair
+from tests.peers.packages import Build, build, changelog_version
 
 #: Programs the peers need; ./dev setup installs every one of them.
 PEER_PROGRAMS = (
@@ -67,6 +68,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for name, content in report.sections:
         WATCH.scan("captured output", f"{report.nodeid} ({name})",
                    content.encode("utf-8", "surrogateescape"))
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """Our Debian packages, built once per session as ``./dev package`` builds them."""
+    output = tmp_path_factory.mktemp("dist")
+    debs, lintian = build(output)
+    return Build(changelog_version(), debs, lintian)
 
 
 @pytest.fixture

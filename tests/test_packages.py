@@ -1,12 +1,7 @@
 """The Debian packages from ``./dev package`` (packaging/build.py), installed, upgraded, removed
 and purged in a throwaway root, with real dpkg, apt, systemd-sysusers, dracut and lintian.
 
-The throwaway root is the host's own ``/`` under an overlay whose upper layer is a tmpfs, in a
-private mount namespace held by one shell (:class:`Root`): whatever the steps change is gone when
-that shell exits, which it does when the test closes its stdin, even if the test dies.  Each
-step runs there with ``nsenter`` and ``chroot``, with a fresh ``/run`` (no
-``/run/systemd/system``: the maintainer scripts see no running systemd and start nothing, and
-``systemctl`` in a chroot is offline anyway) and a ``policy-rc.d`` that refuses every start.
+The throwaway root is :class:`tests.peers.packages.Root`.
 
 Debian's ``mandos`` and ``mandos-client`` are installed on the host as interop peers; our
 packages conflict with them, so the test first removes them as a migrating admin would
@@ -21,20 +16,13 @@ from __future__ import annotations
 
 import shlex
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "packaging" / "build.py"
-PACKAGES = ("mandos-server", "mandos-password-agent")
-#: What a step in the root runs with: no proxy, locale or Python settings of the test's own.
-ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8",
-               "DEBIAN_FRONTEND": "noninteractive"}
+from tests.peers.packages import PACKAGES, REPO, Build, Root, build
+
 #: apt-get without recommends (dracut would replace the host's initramfs-tools) and keeping
 #: the configuration files on disk, as an admin answers dpkg's question for clients.conf.
 APT_INSTALL = ("apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold"
@@ -52,134 +40,21 @@ JUSTIFIED_TAGS = {"initial-upload-closes-no-bugs",
 pytestmark = pytest.mark.slow
 
 
-@dataclass(frozen=True)
-class Build:
-    version: str
-    debs: tuple[Path, ...]
-    lintian: str
-
-
-def changelog_version() -> str:
-    first = (REPO / "packaging" / "debian" / "changelog").read_text().split("\n", 1)[0]
-    return first.split("(", 1)[1].split(")", 1)[0]
-
-
-def build(output: Path, *extra: str) -> tuple[tuple[Path, ...], str]:
-    result = subprocess.run([sys.executable, str(BUILD), "--output", str(output), *extra],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    debs = tuple(sorted(output.glob("*.deb")))
-    assert [deb.name.split("_")[0] for deb in debs] == sorted(PACKAGES)
-    return debs, result.stdout
-
-
 @pytest.fixture(scope="session")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Build, Build]:
-    """The packages as ``./dev package`` builds them (with lintian, which fails the build on
-    an error), and a rebuild with a higher version."""
-    version = changelog_version()
-    debs, lintian = build(tmp_path_factory.mktemp("dist1"))
-    newer = f"{version}+rebuild1"
+def builds(packages: Build, tmp_path_factory: pytest.TempPathFactory) -> tuple[Build, Build]:
+    """The session's packages (built as ``./dev package`` does, with lintian, which fails
+    the build on an error), and a rebuild with a higher version."""
+    newer = f"{packages.version}+rebuild1"
     newer_debs, _ = build(tmp_path_factory.mktemp("dist2"), "--version", newer, "--no-lintian")
-    return Build(version, debs, lintian), Build(newer, newer_debs, "")
-
-
-#: Run by the shell that holds the mount namespace: the overlay, then wait until the test closes
-#: stdin.  $1 is an empty directory on the host; in the namespace it becomes a tmpfs holding
-#: the overlay's upper layer and the root.
-HOLD = """set -eu
-mount -t tmpfs -o mode=0755 throwaway-root "$1"
-mkdir "$1/upper" "$1/work" "$1/root"
-mount -t overlay overlay -o "lowerdir=/,upperdir=$1/upper,workdir=$1/work" "$1/root"
-mount -t proc proc "$1/root/proc"
-mount --rbind /dev "$1/root/dev"
-mount -t tmpfs -o mode=0755 run "$1/root/run"
-printf '#!/bin/sh\\nexit 101\\n' > "$1/root/usr/sbin/policy-rc.d"
-chmod 0755 "$1/root/usr/sbin/policy-rc.d"
-echo ready
-read -r _ || true
-"""
-
-
-class Root:
-    """A throwaway copy of the host's root; see the module's docstring."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.root = directory / "root"
-        self.upper = directory / "upper"
-        self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", HOLD, "sh",
-             str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.holder.stdout is not None
-        line = self.holder.stdout.readline()
-        if line != "ready\n":
-            self.close()
-            raise RuntimeError("the throwaway root could not be set up")
-
-    def close(self) -> None:
-        assert self.holder.stdin is not None
-        self.holder.stdin.close()
-        try:
-            self.holder.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.holder.kill()
-            self.holder.wait()
-
-    def run(self, script: str, check: bool = True,
-            chroot: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``sh -c script`` chrooted into the root (or only in its mount namespace)."""
-        inside = ["chroot", str(self.root)] if chroot else []
-        result = subprocess.run(
-            ["nsenter", "--target", str(self.holder.pid), "--mount", "--", *inside,
-             "/bin/sh", "-ec", script], stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, env=ENVIRONMENT, check=False, timeout=300)
-        if check:
-            assert result.returncode == 0, (
-                f"{script}\nexit {result.returncode}\n{result.stdout}{result.stderr}")
-        return result
-
-    def lines(self, script: str) -> list[str]:
-        return self.run(script).stdout.splitlines()
-
-    def status(self, package: str) -> str:
-        """dpkg's status of ``package``: "installed", "config-files", "not-installed"."""
-        return self.run(f"dpkg-query -W -f='${{db:Status-Status}}' {package} 2>/dev/null"
-                        " || echo not-installed").stdout.strip()
-
-    def stat(self, path: str) -> tuple[str, str, int] | None:
-        """Owner, group and permission bits of ``path``, or None when it is not there."""
-        result = self.run(f"stat -c '%U %G %a' {shlex.quote(path)}", check=False)
-        if result.returncode != 0:
-            return None
-        owner, group, mode = result.stdout.split()
-        return owner, group, int(mode, 8)
-
-    def exists(self, path: str) -> bool:
-        return self.run(f"test -e {shlex.quote(path)}", check=False).returncode == 0
-
-    def read(self, path: str) -> str:
-        return self.run(f"cat {shlex.quote(path)}").stdout
-
-    def changed(self) -> list[str]:
-        """The files the steps created or changed that name Mandos (the overlay's upper layer,
-        without whiteouts, which record deletions)."""
-        upper = shlex.quote(str(self.upper))
-        found = self.run(f"cd {upper} && find . ! -type c ! -type d -path '*mandos*'",
-                         chroot=False).stdout
-        return sorted(line[1:] for line in found.splitlines())
+    return packages, Build(newer, newer_debs, "")
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Iterator[Root]:
     directory = tmp_path / "throwaway"
     directory.mkdir()
-    throwaway = Root(directory)
-    try:
+    with Root(directory) as throwaway:
         yield throwaway
-    finally:
-        throwaway.close()
 
 
 def install(root: Root, build: Build) -> str:

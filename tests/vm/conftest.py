@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.peers.packages import Build
 from tests.vm import images
 
 #: Host programs the images and the boots need (./dev setup installs them).
@@ -14,9 +15,10 @@ PROGRAMS = ("qemu-system-x86_64", "dracut", "lsinitrd", "socat", "cryptsetup", "
 
 
 @pytest.fixture(scope="session")
-def vm_images() -> images.VmImages:
-    """The kernel, the LUKS disk, the keys and the initramfs with our module (cached)."""
+def vm_images(packages: Build) -> images.VmImages:
+    """The kernel, the LUKS disk, the keys and the initramfs that dracut built with our client
+    package installed (cached)."""
     missing = [program for program in PROGRAMS if shutil.which(program) is None]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run ./dev setup", pytrace=False)
-    return images.build()
+    return images.build(packages.deb("mandos-password-agent"))

@@ -30,17 +30,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.peers.packages import Root
+
 REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
-MODULE = REPO / "dracut-module" / "90mandos-agent"
 SLIM_NETWORK_MODULE = HERE / "dracut" / "90kernel-network-modules"
 ROOT_INIT = HERE / "rootfs-init"
-DRACUT_BASE = Path("/usr/lib/dracut")
-PYTHON = "/usr/bin/python3"  # what the initramfs runs; never a shim from PATH
 
 DEFAULT_CACHE = Path("/var/cache/mandos-agent-vm")
 #: Bump to throw away every cached disk and initramfs (their recipe changed).
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 DRACUT_MODULES = ("systemd systemd-initrd systemd-udevd systemd-ask-password systemd-networkd "
                   "dracut-systemd crypt dm rootfs-block kernel-network-modules base fs-lib "
@@ -227,24 +226,20 @@ def disk(cache: Path, busybox_binary: Path, passphrase: Path) -> Disk:
 
 
 def python_search_path() -> list[str]:
-    """Where the initramfs's Python packages come from: this tree, then the running
-    environment's site-packages (inotify_simple, python-gnupg, zeroconf)."""
+    """Where the source tree's agent finds its Python packages, as it runs outside the
+    packages: this tree, then the running environment's site-packages (inotify_simple,
+    python-gnupg, zeroconf)."""
     paths = sysconfig.get_paths()
     return list(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
 
 
-def initrd_inputs(kernel_: Kernel, keydir: Path) -> str:
-    """A hash of everything the initramfs is made of, so that a change rebuilds it."""
-    digest = hashlib.sha256(RECIPE_VERSION.encode())
-    listing = run([PYTHON, "-I", str(MODULE / "python-files.py"), "--zeroconf",
-                   "/usr/lib/mandos-password-agent", *python_search_path()]).stdout
-    # Named by their place in the image, so that building from another virtualenv with the
-    # same packages reuses the image.
-    files = [(Path(source), target) for source, target in
-             (line.split("\t") for line in listing.splitlines())]
-    files += [(path, path.name) for path in sorted([*MODULE.iterdir(),
-                                                    *SLIM_NETWORK_MODULE.iterdir()])
-              if path.is_file()]
+def initrd_inputs(kernel_: Kernel, keydir: Path, client_deb: Path) -> str:
+    """A hash of everything the initramfs is made of, so that a change rebuilds it: the
+    client package (the agent and our module), the slim network module, the keys, the kernel
+    and dracut."""
+    digest = hashlib.sha256(RECIPE_VERSION.encode() + client_deb.read_bytes())
+    files = [(path, path.name) for path in sorted(SLIM_NETWORK_MODULE.iterdir())
+             if path.is_file()]
     files += [(path, path.name) for path in sorted(keydir.iterdir())]
     for source, name in files:
         digest.update(name.encode() + b"\0" + source.read_bytes())
@@ -253,44 +248,61 @@ def initrd_inputs(kernel_: Kernel, keydir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def initrd(cache: Path, kernel_: Kernel, keydir: Path) -> Path:
+def initrd(cache: Path, kernel_: Kernel, keydir: Path, client_deb: Path) -> Path:
     """The initramfs, from the cache when it is up to date."""
-    image = cache / f"initrd-{initrd_inputs(kernel_, keydir)}.img"
+    image = cache / f"initrd-{initrd_inputs(kernel_, keydir, client_deb)}.img"
     if image.exists():
         return image
     with tempfile.TemporaryDirectory(dir=cache) as work:
         partial = Path(work) / "initrd.img"
-        make_initrd(partial, kernel_, keydir, Path(work))
+        with client_root(Path(work), kernel_, keydir, client_deb) as root:
+            run_dracut(root, kernel_, "/tmp/initrd.img")
+            root.run(f"cp {root.root}/tmp/initrd.img {partial}", chroot=False)
         remove_stale(cache.glob("initrd-*.img"))
         os.replace(partial, image)
     return image
 
 
-def make_initrd(output: Path, kernel_: Kernel, keydir: Path, work: Path) -> None:
-    """Run dracut from a private base directory holding our module and the slim
-    network-driver module (the host's dracut configuration is ignored), writing ``output``."""
-    base = work / "dracut"
-    run(["cp", "-as", f"{DRACUT_BASE}/.", str(base)])
-    modules = base / "modules.d"
-    for name in ("90kernel-network-modules", "90mandos-agent"):
-        shutil.rmtree(modules / name, ignore_errors=True)
-    shutil.copytree(SLIM_NETWORK_MODULE, modules / "90kernel-network-modules")
-    shutil.copytree(MODULE, modules / "90mandos-agent")
-    confdir = work / "conf.d"
-    confdir.mkdir()
-    (confdir / "mandos-agent.conf").write_text(
-        f'mandos_agent_keydir="{keydir}"\n'
-        f'mandos_agent_pythonpath="{":".join(python_search_path())}"\n')
-    run(["dracut", "--conf", "/dev/null", "--confdir", str(confdir), "--force",
-         "--no-hostonly", "--no-hostonly-cmdline", "--kver", kernel_.version,
-         "--kmoddir", str(kernel_.moddir), "--compress", "zstd",
-         "--omit", "mandos plymouth", "--modules", DRACUT_MODULES,
-         "--drivers", DRACUT_DRIVERS, "--tmpdir", str(work), str(output)],
-        env={**os.environ, "dracutbasedir": str(base)})
+#: Where :func:`client_root` puts the kernel's modules (dracut wants .../lib/modules/VERSION).
+ROOT_KERNEL = "/var/tmp/vm-kernel/lib/modules"
+NETWORK_MODULE = "/usr/lib/dracut/modules.d/90kernel-network-modules"
+#: An empty configuration directory: the host's dracut.conf.d is left out.
+ROOT_DRACUT_CONF = "/var/tmp/dracut-conf.d"
 
 
-def build(cache: Path | None = None) -> VmImages:
-    """Everything a boot needs, from the cache when it is up to date."""
+@contextmanager
+def client_root(work: Path, kernel_: Kernel, keydir: Path, client_deb: Path) -> Iterator[Root]:
+    """A throwaway copy of this host's root (tests/peers/packages.py) with the client package
+    installed as an admin installs it (Debian's ``mandos-client``, which it replaces, goes),
+    the key set where ``mandos-keygen`` writes it, the VM's kernel modules, and dracut's
+    network-driver module replaced by the slim one (the root is thrown away after)."""
+    directory = work / "throwaway"
+    directory.mkdir()
+    with Root(directory) as root:
+        root.copy_in(client_deb, f"/var/tmp/{client_deb.name}")
+        root.run(f"dpkg -i --force-confold /var/tmp/{client_deb.name}")
+        root.copy_in(keydir, "/etc/keys/mandos")
+        root.run("chown -R root:root /etc/keys/mandos\nchmod 0700 /etc/keys/mandos\n"
+                 f"chmod 0600 /etc/keys/mandos/*\nmkdir {ROOT_DRACUT_CONF}\n"
+                 f"rm -r {NETWORK_MODULE}")
+        root.copy_in(kernel_.moddir, f"{ROOT_KERNEL}/{kernel_.version}")
+        root.copy_in(SLIM_NETWORK_MODULE, NETWORK_MODULE)
+        yield root
+
+
+def run_dracut(root: Root, kernel_: Kernel, output: str) -> None:
+    """Run the root's dracut as ``dracut -f`` would (the host's dracut configuration left
+    out), for the VM's kernel, writing ``output`` (a path in the root)."""
+    root.run(f"dracut --conf /dev/null --confdir {ROOT_DRACUT_CONF} --force --no-hostonly "
+             f"--no-hostonly-cmdline --kver {kernel_.version} "
+             f"--kmoddir {ROOT_KERNEL}/{kernel_.version} --compress zstd "
+             f"--omit 'mandos plymouth' --modules '{DRACUT_MODULES}' "
+             f"--drivers '{DRACUT_DRIVERS}' {output} 2>&1")
+
+
+def build(client_deb: Path, cache: Path | None = None) -> VmImages:
+    """Everything a boot needs, the initramfs made with the client package ``client_deb``,
+    from the cache when it is up to date."""
     cache = cache or cache_directory()
     with locked(cache):
         for leftover in cache.glob("tmp*"):  # from a build that was killed
@@ -298,4 +310,5 @@ def build(cache: Path | None = None) -> VmImages:
         kernel_ = kernel(cache)
         keydir, passphrase = secrets_directory(cache)
         disk_ = disk(cache, busybox(cache), passphrase)
-        return VmImages(kernel_, disk_, initrd(cache, kernel_, keydir), keydir, passphrase)
+        return VmImages(kernel_, disk_, initrd(cache, kernel_, keydir, client_deb), keydir,
+                        passphrase)

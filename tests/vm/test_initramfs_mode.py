@@ -9,27 +9,29 @@ the real dracut with our module over an existing 0644 image.
 
 from __future__ import annotations
 
-import stat
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.peers.packages import Build
 from tests.vm import images
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def test_an_image_rebuilt_over_a_0644_one_is_private() -> None:
+def test_an_image_rebuilt_over_a_0644_one_is_private(packages: Build) -> None:
+    """With the client package installed, as an admin's ``dracut -f`` over an image that
+    mkinitramfs left 0644."""
     cache = images.cache_directory()
     with images.locked(cache):
         kernel = images.kernel(cache)
         keydir, _ = images.secrets_directory(cache)
-    with tempfile.TemporaryDirectory(dir=cache) as work:
-        output = Path(work) / "initrd.img"
-        output.write_bytes(b"an older image, as mkinitramfs leaves it")
-        output.chmod(0o644)
-        images.make_initrd(output, kernel, keydir, Path(work))
-        mode = stat.S_IMODE(output.stat().st_mode)
-        assert output.stat().st_size > 1_000_000  # dracut did write the image
-    assert mode == 0o600, oct(mode)
+    with tempfile.TemporaryDirectory(dir=cache) as work, images.client_root(
+            Path(work), kernel, keydir, packages.deb("mandos-password-agent")) as root:
+        root.run("printf 'an older image, as mkinitramfs leaves it' > /boot/initrd.img\n"
+                 "chmod 0644 /boot/initrd.img")
+        images.run_dracut(root, kernel, "/boot/initrd.img")
+        size, mode = root.run("stat -c '%s %a' /boot/initrd.img").stdout.split()
+    assert int(size) > 1_000_000  # dracut did write the image
+    assert mode == "600", mode
