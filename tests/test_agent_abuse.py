@@ -543,6 +543,11 @@ def test_b6_a_byte_a_second_alone_is_given_up_after_10_s_and_at_the_timeout(
     assert len(reason_lines(agent, "--timeout of 12 s reached")) == 1, agent.log()
 
 
+#: B7's wrong password: nothing that a log line would say in words (the secret scan looks for
+#: it everywhere).
+WRONG_PASSWORD = b"b7-hostile-guess-51c2"
+
+
 def test_b7_a_wrong_password_for_our_key_does_not_shut_out_the_right_one(
         agents: AgentHarness, requests: Path, password: bytes,
         upstream_client: UpstreamClient) -> None:
@@ -552,14 +557,14 @@ def test_b7_a_wrong_password_for_our_key_does_not_shut_out_the_right_one(
     with the same Id, the agent must neither send it again nor give up: the good server's
     password goes out."""
     wrong = upstream.section_secret(
-        upstream.upstream_section(upstream_client.keys, "hostile", b"wrong password"))
+        upstream.upstream_section(upstream_client.keys, "hostile", WRONG_PASSWORD))
     with ScriptedServer(sends(wrong)) as rogue, \
             ScriptedServer(holds_back(upstream_client.secret,
                                       lambda: rogue.finished(settle=0.2))) as good:
         with FakeRequester(requests, {"Id": "cryptsetup:/dev/b7"}) as first:
             agent = agents.start("--timeout", "30", connect=[rogue.connect, good.connect],
                                  agent_directory=requests)
-            assert first.receive(10) == b"+wrong password", agent.log()
+            assert first.receive(10) == b"+" + WRONG_PASSWORD, agent.log()
             agent.wait_log("answered")
             asked_again = time.monotonic()
             again = FakeRequester(requests, {"Id": "cryptsetup:/dev/b7"})
