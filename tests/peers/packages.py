@@ -98,6 +98,11 @@ class Root:
                  traceback: TracebackType | None) -> None:
         self.close()
 
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` run in the root's mount namespace, not chrooted (for qemu, which then
+        sees the root at :attr:`root`); nsenter execs it."""
+        return ["nsenter", "--target", str(self.holder.pid), "--mount", "--", *argv]
+
     def copy_in(self, source: Path, target: str) -> None:
         """Copy ``source`` (a file or a directory's contents, from anywhere on the host) to
         ``target`` in the root."""
@@ -120,8 +125,7 @@ class Root:
         """Run ``sh -c script`` chrooted into the root (or only in its mount namespace)."""
         inside = ["chroot", str(self.root)] if chroot else []
         result = subprocess.run(
-            ["nsenter", "--target", str(self.holder.pid), "--mount", "--", *inside,
-             "/bin/sh", "-ec", script], stdin=subprocess.DEVNULL,
+            self.wrap([*inside, "/bin/sh", "-ec", script]), stdin=subprocess.DEVNULL,
             capture_output=True, text=True, env=ENVIRONMENT, check=False, timeout=300)
         if check:
             assert result.returncode == 0, (

@@ -1,14 +1,16 @@
-"""A VM whose root file system is the host's own, read-only, so that the host's systemd runs as
-PID 1 on the host's programs and libraries, with a test payload added on top.
+"""A VM whose root file system is a throwaway copy of the host's own (tests/peers/packages.py's
+:class:`Root`: the host's ``/`` under an overlay, where the test installed its files and our
+packages), so that the host's systemd runs as PID 1 on the host's programs and libraries.
 
-qemu exports the host's ``/`` through virtio-9p with ``readonly=on``: the guest cannot write to
-the host.  A tiny initramfs (busybox-static, the kernel modules for 9p and overlayfs, and
-``hostroot-init``) mounts it under an overlay whose upper layer is a tmpfs, copies the payload
-in, runs the payload's ``prepare`` script (``sh -e``, chrooted into the new root) and switches
-root to ``/lib/systemd/systemd``.  Everything the guest changes lives in guest memory and is
-gone when qemu exits.  The payload is a directory on the host (under /tmp), found through 9p
-by its path on the kernel command line (``vmtest.payload=``): ``root/`` is copied over ``/``,
-owners and modes kept.  The VM has no network device: only its own loopback.
+qemu, started in the throwaway root's mount namespace, exports that root through virtio-9p
+with ``readonly=on``: the guest cannot write to it, let alone to the host.  A tiny initramfs
+(busybox-static, the kernel modules for 9p and overlayfs, and ``hostroot-init``) mounts it
+under an overlay whose upper layer is a tmpfs and switches root to ``/lib/systemd/systemd``.
+Everything the guest changes lives in guest memory and is gone when qemu exits.  What the
+test adds is staged in a :class:`Payload` and copied into the root with owners and modes
+(:meth:`Root.copy_in`); dpkg runs on the host side, in the root, where it is fast (under TCG
+and 9p, reading dpkg's database alone took minutes).  The VM has no network device: only its
+own loopback.
 
 The kernel and busybox are the ones images.py caches; the initramfs is cached beside them,
 named by a hash of what it is made of, and rebuilt when that changes.
@@ -25,21 +27,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.peers.packages import Root
 from tests.vm import images, qemu
 
 INIT = images.HERE / "hostroot-init"
-#: Where :meth:`Payload.expose` shows host directories in the guest (hostroot-init knows it).
-EXPOSED = "/opt/vmtest"
 #: What the initramfs loads (with their dependencies): the PCI transport of the 9p device,
 #: 9p itself, and overlayfs.
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 #: Bump to rebuild the initramfs when its recipe changes.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 MOUNT_TAG = "hostroot"
 #: The host's root, read-only; inode numbers of the host's several file systems remapped so
 #: that they cannot collide in the guest.  No network device at all.
-DEVICES = ["-virtfs", f"local,path=/,mount_tag={MOUNT_TAG},security_model=none,readonly=on,"
-           "multidevs=remap", "-nic", "none"]
 
 
 def load_order(moddir: Path, wanted: tuple[str, ...]) -> list[str]:
@@ -104,8 +103,7 @@ def initrd(cache: Path, kernel: images.Kernel, busybox: Path) -> Path:
 
 @dataclass(frozen=True)
 class Payload:
-    """What the guest gets on top of the host's root: files under ``root/`` and a ``prepare``
-    script."""
+    """What the test adds to the root, staged under ``root/`` with owners and modes."""
 
     directory: Path
 
@@ -124,18 +122,6 @@ class Payload:
     def copy(self, source: Path, path: str, mode: int = 0o644) -> Path:
         return self.write(path, source.read_bytes(), mode)
 
-    def prepare(self, script: str) -> None:
-        """Shell commands (``sh -e``) run in the new root before systemd starts."""
-        (self.directory / "prepare").write_text(script)
-
-    def expose(self, paths: list[str]) -> list[str]:
-        """Make each of the host's ``paths`` (directories) visible under :data:`EXPOSED` too,
-        a bind mount of the new root's view (after ``prepare``): a service with
-        ``PrivateTmp=`` does not see the host's /tmp, where a clone of this tree and its
-        virtualenv may lie.  Returns the paths as the guest then reaches them."""
-        (self.directory / "expose").write_text("".join(f"{path}\n" for path in paths))
-        return [f"{EXPOSED}{path}" for path in paths]
-
 
 def new_payload(directory: Path) -> Payload:
     """An empty payload in ``directory`` (made 0700: it may hold keys)."""
@@ -144,11 +130,12 @@ def new_payload(directory: Path) -> Payload:
     return Payload(directory)
 
 
-def boot(*, kernel: images.Kernel, initrd: Path, payload: Payload, append: str, log: Path,
+def boot(*, kernel: images.Kernel, initrd: Path, root: Root, append: str, log: Path,
          timeout: float, done_marker: str) -> qemu.Boot:
-    """Boot the host's root with ``payload``; ``append`` adds to the kernel command line (for
-    example ``systemd.unit=``)."""
-    command_line = " ".join(["console=ttyS0", "panic=-1", "loglevel=4",
-                             f"vmtest.payload={payload.directory.resolve()}", append])
-    return qemu.run(kernel=kernel.vmlinuz, initrd=initrd, append=command_line,
-                    devices=DEVICES, log=log, timeout=timeout, done_marker=done_marker)
+    """Boot ``root``; ``append`` adds to the kernel command line (for example
+    ``systemd.unit=``)."""
+    command_line = " ".join(["console=ttyS0", "panic=-1", "loglevel=4", append])
+    devices = ["-virtfs", f"local,path={root.root},mount_tag={MOUNT_TAG},security_model=none,"
+               "readonly=on,multidevs=remap", "-nic", "none"]
+    return qemu.run(kernel=kernel.vmlinuz, initrd=initrd, append=command_line, devices=devices,
+                    log=log, timeout=timeout, done_marker=done_marker, wrap=root.wrap)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pwd
 import re
 import shutil
@@ -133,7 +132,6 @@ class Checks:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
         self.client: str = settings["client"]
-        self.environment = {**os.environ, "PYTHONPATH": settings["pythonpath"]}
         self.main_pid = 0
         self.watchdog_stamp = ""
         #: When the agent's request was made (CLOCK_REALTIME µs, as the journal's timestamps).
@@ -249,7 +247,7 @@ class Checks:
         return f"{succeeded[0].get('MESSAGE')!r} ({succeeded[0].get('MANDOS_COMMAND')})"
 
     def listing(self, argv: list[str]) -> str:
-        result = run(argv, env=self.environment)
+        result = run(argv)
         lines = result.stdout.splitlines()
         require(result.returncode == 0 and len(lines) == 2
                 and lines[1].split()[:2] == [self.client, "Yes"],
@@ -257,10 +255,10 @@ class Checks:
         return " | ".join(" ".join(line.split()) for line in lines)
 
     def check_ctl_ours(self) -> str:
-        return self.listing(["/usr/bin/python3", "-m", "server.ctl"])
+        return self.listing(["/usr/bin/mandos-ctl"])
 
     def check_ctl_upstream(self) -> str:
-        return self.listing(["/usr/sbin/mandos-ctl"])
+        return self.listing([self.settings["mandos_ctl"]])
 
     def ask(self, timeout: int) -> subprocess.CompletedProcess[str]:
         """The request of :func:`ask_argv`, waited for."""

@@ -1,26 +1,29 @@
-"""The server's units as shipped, under a real systemd PID 1: units/mandos.socket and
-units/mandos.service (Type=notify, the watchdog, User=_mandos, StateDirectory=, and the whole
-sandbox: ProtectSystem=strict, MemoryDenyWriteExecute=, SystemCallFilter=, the capability
-bounding set, RestrictAddressFamilies=, ...), units/mandos.sysusers.conf and the D-Bus policy
-units/se.recompile.Mandos.conf; and in the same boot the booted system's password agent,
-units/mandos-password-agent.path and .service.  ``systemd-analyze verify`` and ``security``
-cannot tell whether the server and the agent still work inside their sandboxes; this test
-runs them there.  (It found that the default checker, fping, could never succeed: see
-CAP_NET_RAW in units/mandos.service; and that PrivateTmp= made the agent wait for
-local-fs.target, so for the very volumes it is to unlock: see units/mandos-password-agent.service.)
+"""The server's units as the mandos-server package installs them, under a real systemd PID 1:
+mandos.socket and mandos.service (Type=notify, the watchdog, User=_mandos, StateDirectory=, and
+the whole sandbox: ProtectSystem=strict, MemoryDenyWriteExecute=, SystemCallFilter=, the
+capability bounding set, RestrictAddressFamilies=, ...), the sysusers file and the D-Bus
+policy; and in the same boot the booted system's password agent from the
+mandos-password-agent package, its .path and .service.  ``systemd-analyze verify`` and
+``security`` cannot tell whether the server and the agent still work inside their sandboxes;
+this test runs them there.  (It found that the default checker, fping, could never succeed:
+see CAP_NET_RAW in units/mandos.service; and that PrivateTmp= made the agent wait for
+local-fs.target, so for the very volumes it is to unlock: see
+units/mandos-password-agent.service.)
 
-The VM (tests/vm/hostroot.py) boots the host's own root file system, read-only through 9p
-under a tmpfs overlay, so that the host's systemd, dbus-daemon, journald, Python, GnuTLS, gpg,
-fping and Debian's mandos-client run in it unchanged.  The payload adds the units where a
-package puts them, a ``/usr/bin/mandos-server`` and a ``/usr/bin/mandos-password-agent`` that
-run this tree on the test's virtualenv, a configuration with one client (the cached VM key
-set, in /etc/keys/mandos where the agent's unit takes it; ``host = localhost`` and the default
-checker, every 2 s), a drop-in that points the agent at the server (``--connect``), and
-``mandos-vmtest.target``, the only target the VM starts (``systemd.unit=`` on the kernel
-command line).  Before systemd starts, it enables the agent's ``.path`` unit as its [Install]
-says (sysinit.target, reached through basic.target), and removes what would hide a fault of
-ours: the host's ``_mandos`` user (our sysusers file must make it), Debian's own D-Bus policy
-and sysusers file for Mandos, and the host's /var/lib/mandos.
+The VM (tests/vm/hostroot.py) boots a throwaway copy of the host's own root file system
+(tests/peers/packages.py's Root), read-only through 9p under a tmpfs overlay, so that the
+host's systemd, dbus-daemon, journald, Python, GnuTLS, gpg, fping and Debian's mandos-client
+run in it unchanged.  Into that copy the test puts a configuration with one client (the cached
+VM key set, in /etc/keys/mandos where the agent's unit takes it; ``host = localhost`` and the
+default checker, every 2 s), a drop-in that points the agent at the server (``--connect``),
+and ``mandos-vmtest.target``, the only target the VM starts (``systemd.unit=`` on the kernel
+command line).  Then, as an admin would: it keeps Debian's mandos-client and mandos-ctl aside
+as peers, removes what would hide a fault of ours (the host's ``_mandos`` user, which our
+sysusers file must make, Debian's own D-Bus policy and sysusers file for Mandos, and
+/var/lib/mandos), installs both our packages with ``dpkg -i`` (they replace Debian's
+``mandos`` and ``mandos-client``; the configuration is kept) and enables ``mandos.socket`` and
+the agent's ``.path`` unit.  dpkg runs there on the host side: under TCG and 9p, reading its
+database alone took minutes.
 
 ``mandos-vmtest.service`` then runs tests/vm/server_units_checks.py, whose console lines this
 test asserts: upstream's mandos-client gets the password through the socket, which starts the
@@ -47,7 +50,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shlex
 import shutil
 import stat
 from pathlib import Path
@@ -57,6 +59,7 @@ import pytest
 from server.journal import Event
 from tests.peers import upstream
 from tests.peers.ours import clients_conf
+from tests.peers.packages import PACKAGES, Build, Root
 from tests.vm import hostroot, images, server_units_checks
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -97,19 +100,31 @@ ExecStart=/usr/bin/python3 /etc/mandos-vmtest/checks.py {SETTINGS}
 TimeoutStartSec={TIMEOUT:.0f}
 """
 
-#: The host's root as the VM starts it; see the module docstring.
-PREPARE = """\
+#: Where the payload puts our packages, and where the host's upstream mandos-client and
+#: mandos-ctl are kept aside (ours replace Debian's packages, which take those along).
+DEBS = "/var/tmp/mandos-debs"
+UPSTREAM = "/usr/local/lib/mandos-upstream"
+
+#: Run in the throwaway root, the payload in it, before the VM boots it; see the module
+#: docstring.
+PREPARE = f"""\
 # systemd would take /.dockerenv for a container and then ignore the kernel command line.
 rm -f /.dockerenv
+# Debian's mandos-client and mandos-ctl stay, as peers, outside the packages that go.
+mkdir -p {UPSTREAM}
+cp {upstream.MANDOS_CLIENT} {upstream.MANDOS_CTL} {UPSTREAM}/
 # Our sysusers file must make _mandos (Debian's mandos-client.conf would make it first).
 sed -i '/^_mandos:/d' /etc/passwd /etc/group /etc/shadow /etc/gshadow
 rm -f /usr/lib/sysusers.d/mandos-client.conf
-# Only our D-Bus policy may let _mandos own the name; StateDirectory= must make the directory.
+# Only our D-Bus policy may let _mandos own the name (Debian's stays as a removed package's
+# conffile); the package must make the state directory.
 rm -f /etc/dbus-1/system.d/mandos.conf
 rm -rf /var/lib/mandos
+# Our packages, as an admin installs them; they replace Debian's mandos and mandos-client.
+dpkg -i --force-confold {DEBS}/*.deb
 # The agent's .path unit, enabled as its [Install] says (sysinit.target, which the test target
 # reaches through basic.target).
-systemctl enable mandos-password-agent.path
+systemctl enable mandos-password-agent.path mandos.socket
 """
 
 
@@ -134,55 +149,26 @@ def socket_address() -> str:
     return f"127.0.0.1:{match.group(1)}"
 
 
-def traversable(paths: list[str]) -> str:
-    """Commands that let the server's user (not root) reach ``paths`` in the
-    VM: ``chmod o+x`` on the directories that lack it (the overlay's copy only; a tox
-    environment lies in a 0700 ``.tox``)."""
-    closed = sorted({str(directory) for path in paths
-                     for directory in (Path(path), *Path(path).parents)
-                     if directory.is_dir() and not directory.stat().st_mode & stat.S_IXOTH})
-    return "".join(f"chmod o+x {shlex.quote(directory)}\n" for directory in closed)
-
-
-def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
+def make_payload(directory: Path, keydir: Path, packages: Build) -> hostroot.Payload:
     payload = hostroot.new_payload(directory)
     keys = upstream.KeySet.in_directory(keydir)
     password = secrets.token_urlsafe(18)
     # Upstream's keygen writes the section (our keys work with it); its host is this machine.
     section = re.sub(r"(?m)^host = .*$", "host = localhost",
                      upstream.upstream_section(keys, CLIENT, password.encode()))
-    # The default checker (fping), soon enough to be seen.
+    # The default checker (fping), soon enough to be seen.  The package keeps this file
+    # (a conffile, installed with --force-confold) and makes it readable by the server.
     payload.write("/etc/mandos/clients.conf", clients_conf(section, defaults="interval = 2s\n"),
                   0o600)
     payload.write("/etc/mandos/mandos.conf", "[DEFAULT]\n")
-    # As a package would make it readable by the server (systemd-tmpfiles runs after sysusers).
-    payload.write("/etc/tmpfiles.d/mandos-vmtest.conf",
-                  "z /etc/mandos/clients.conf 0640 root _mandos -\n")
-    for unit in ("mandos.socket", "mandos.service", "mandos-password-agent.path",
-                 "mandos-password-agent.service"):
-        payload.copy(UNITS / unit, f"{SYSTEM}/{unit}")
+    for package in PACKAGES:
+        deb = packages.deb(package)
+        payload.copy(deb, f"{DEBS}/{deb.name}")
     # The agent asks our server, socket-activated in the same VM, as the unit's comment says.
     payload.write("/etc/systemd/system/mandos-password-agent.service.d/vmtest.conf",
                   "[Service]\nEnvironment=MANDOS_PASSWORD_AGENT_OPTIONS="
                   f"--connect={socket_address()}\n")
-    payload.copy(UNITS / "mandos.sysusers.conf", "/usr/lib/sysusers.d/mandos.conf")
-    payload.copy(UNITS / "se.recompile.Mandos.conf",
-                 "/usr/share/dbus-1/system.d/se.recompile.Mandos.conf")
-    search_path = images.python_search_path()
-    pythonpath = ":".join(payload.expose(search_path))
-    payload.write("/usr/bin/mandos-server",
-                  "#!/bin/sh\n# This tree's server on the test's virtualenv, as pip installs it.\n"
-                  f"PYTHONPATH={shlex.quote(pythonpath)} exec /usr/bin/python3 -m server \"$@\"\n",
-                  0o755)
-    payload.write("/usr/bin/mandos-password-agent",
-                  "#!/bin/sh\n# This tree's agent on the test's virtualenv, as pip installs it.\n"
-                  f"PYTHONPATH={shlex.quote(pythonpath)} exec /usr/bin/python3 -m password_agent "
-                  "\"$@\"\n", 0o755)
     payload.write("/etc/systemd/journald.conf.d/vmtest.conf", "[Journal]\nStorage=volatile\n")
-    # /tmp stays the overlay's view of the host's: this tree and its virtualenv may lie there
-    # (a clone in /tmp; exposed below), so systemd-tmpfiles must not empty it at boot
-    # (Debian's tmp.conf: D).
-    payload.write("/etc/tmpfiles.d/tmp.conf", "d /tmp 1777 root root -\n")
     payload.write("/etc/systemd/system/mandos-vmtest.target", TARGET)
     payload.write("/etc/systemd/system/mandos-vmtest.service", SERVICE)
     payload.copy(Path(server_units_checks.__file__), "/etc/mandos-vmtest/checks.py")
@@ -193,19 +179,24 @@ def make_payload(directory: Path, keydir: Path) -> hostroot.Payload:
     payload.write(SETTINGS, json.dumps({
         "client": CLIENT, "key_id": keys.key_id, "keydir": KEYS,
         "password_file": "/etc/mandos-vmtest/password", "connect": socket_address(),
-        "mandos_client": upstream.MANDOS_CLIENT, "pythonpath": pythonpath,
+        "mandos_client": f"{UPSTREAM}/mandos-client", "mandos_ctl": f"{UPSTREAM}/mandos-ctl",
         "secret_sent_id": Event.SECRET_SENT.message_id}), 0o600)
-    payload.prepare(PREPARE + traversable(search_path))
     return payload
 
 
-def test_server_units_under_systemd(vm: tuple[images.Kernel, Path, Path], tmp_path: Path) -> None:
+def test_server_units_under_systemd(vm: tuple[images.Kernel, Path, Path], packages: Build,
+                                    tmp_path: Path) -> None:
     kernel, initrd, keydir = vm
-    payload = make_payload(tmp_path / "payload", keydir)
-    result = hostroot.boot(kernel=kernel, initrd=initrd, payload=payload,
-                           append="systemd.unit=mandos-vmtest.target systemd.show_status=error",
-                           log=tmp_path / "serial.log", timeout=TIMEOUT,
-                           done_marker=server_units_checks.DONE)
+    payload = make_payload(tmp_path / "payload", keydir, packages)
+    (tmp_path / "throwaway").mkdir()
+    with Root(tmp_path / "throwaway") as root:
+        root.copy_in(payload.root, "/")
+        root.run(PREPARE)
+        result = hostroot.boot(kernel=kernel, initrd=initrd, root=root,
+                               append="systemd.unit=mandos-vmtest.target "
+                                      "systemd.show_status=error",
+                               log=tmp_path / "serial.log", timeout=TIMEOUT,
+                               done_marker=server_units_checks.DONE)
     console = result.text
     context = f"serial console ({result.log}), last lines:\n" + "\n".join(
         console.splitlines()[-60:])
