@@ -4,6 +4,7 @@ This follows upstream Mandos 1.8 (reference/mandos-protocol.md §6):
 
 * an enabled client runs its checker every ``interval`` (the first one after a random delay in
   ``[0, interval]`` at start-up, so that many clients do not all check at once), one at a time;
+  unlike upstream, a checker still running at its next turn is stopped and a fresh one started;
 * a successful checker sets ``expires = now + timeout``; handing out the secret sets
   ``expires = now + extended_timeout``; reaching ``expires`` disables the client, and a disabled
   client stays disabled until an administrator enables it;
@@ -29,6 +30,9 @@ from typing import Any
 from server import checker
 from server.config import ClientConfig
 from server.journal import ERR, Event, Journal
+
+#: How long a checker runs at least before its next turn may stop it as hanging.
+CHECKER_MIN_SECONDS = 1.0
 
 
 def utcnow() -> datetime.datetime:
@@ -137,7 +141,16 @@ class Client:
         self._set_expiry(expires)
 
     def _periodic_checker(self) -> None:
+        """A checker's turn: one still running from the last turn, for at least
+        :data:`CHECKER_MIN_SECONDS`, hangs, so it is stopped (and logged) and a fresh one
+        started.  Upstream lets it run on until the client expires, so one transient hang
+        (an ssh stuck on a network glitch) disables a client that the next checker would have
+        found alive.  The floor keeps a tiny ``interval`` from stopping every checker before
+        its shell has even started."""
         self._checker_timer = self._later(self.settings.interval, self._periodic_checker)
+        if (self.checker_running and asyncio.get_running_loop().time() - self._checker_started
+                >= CHECKER_MIN_SECONDS):
+            self.stop_checker()
         self.start_checker()
 
     def _set_expiry(self, when: datetime.datetime) -> None:
@@ -225,8 +238,8 @@ class Client:
         self.on_change()
 
     def start_checker(self) -> None:
-        """Start a checker unless one is running (a slow checker is never killed on schedule:
-        it then has until ``timeout``, not ``interval``, to succeed)."""
+        """Start a checker unless one is running (on schedule, :meth:`_periodic_checker` has
+        stopped a hanging one first: a checker has until its next turn to finish)."""
         if self.checker_running:
             return
         attributes = {name: getattr(self.settings, name, None) for name in
@@ -264,8 +277,9 @@ class Client:
         self.on_change()
 
     def stop_checker(self) -> None:
-        """Stop a running checker, if any (a hanging one when the client expires), saying so:
-        no status is recorded, as upstream, since the checker did not finish."""
+        """Stop a running checker, if any (a hanging one at its next turn or when the client
+        expires), saying so: no status is recorded, as upstream, since the checker did not
+        finish."""
         if self._checker_task is not None:
             if not self._checker_task.done():
                 elapsed = asyncio.get_running_loop().time() - self._checker_started

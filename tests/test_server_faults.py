@@ -30,7 +30,7 @@ from server.daemon import SAVE_RETRY
 from server.journal import DEFAULT_SOCKET
 from server.statefile import FILENAME, StateFile
 from tests.conftest import Keys
-from tests.peers.agent import processes_left, processes_mentioning
+from tests.peers.agent import processes_left
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import PrivateJournal
 from tests.peers.mounts import fill, remount, tmpfs
@@ -353,23 +353,33 @@ def _children(pid: int) -> list[str]:
 
 
 @pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["sleeps", "ignores-sigterm"])
-def test_a_hanging_checker_is_killed_and_the_client_expires(
+def test_a_hanging_checker_is_killed_at_its_next_turn_and_when_the_client_expires(
         keys: Keys, ignores_sigterm: bool) -> None:
-    """A checker that never returns: as upstream, it is not started again while it runs and
-    not killed on schedule (a slow checker gets until the timeout); the client expires, the
-    checker's process group is killed (SIGKILL after a grace, if it ignores SIGTERM) and
-    reaped, and the journal says so."""
+    """A checker that never returns is stopped at its next turn (SIGKILL after a grace, if
+    it ignores SIGTERM), logged, and a fresh one started; when the client expires, the one
+    running then is stopped too.  Every checker's process group ends up killed and reaped."""
     marker = f"1000.{random.randrange(10**6)}"
     command = f"trap '' TERM; sleep {marker}" if ignores_sigterm else f"sleep {marker}"
     conf = clients_conf(set_options(keys.foo_section, checker=command, interval="1s",
-                                    timeout="2s"))
+                                    timeout="3s"))
     try:
         _hanging_checker(keys, conf, marker)
-    finally:  # what a failure may leave: the checker, ours by its unique marker
+    finally:  # what a failure may leave: the checkers, ours by their unique marker
         for entry in Path("/proc").iterdir():
             with contextlib.suppress(OSError):
                 if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
                     os.kill(int(entry.name), signal.SIGKILL)
+
+
+def _checker_pids(marker: str) -> set[int]:
+    """The ``sleep`` processes of the checkers (their command lines hold ``marker``)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"sleep")
+                    and marker.encode() in (entry / "cmdline").read_bytes()):
+                found.add(int(entry.name))
+    return found
 
 
 def _hanging_checker(keys: Keys, conf: str, marker: str) -> None:
@@ -377,18 +387,26 @@ def _hanging_checker(keys: Keys, conf: str, marker: str) -> None:
         assert server.journal is not None and server.process is not None
         server.journal.wait_for("checker-started", MANDOS_CLIENT="foo")
         deadline = time.monotonic() + 5
-        while not processes_mentioning(marker):  # the event comes before the spawn
+        while not (first := _checker_pids(marker)):  # the event comes before the spawn
             assert time.monotonic() < deadline, "the checker did not start"
             time.sleep(0.02)
-        server.journal.wait_for("client-expired", MANDOS_CLIENT="foo", timeout=5)
-        stopped = server.journal.wait_for("checker-failed", MANDOS_CLIENT="foo")
-        assert len(stopped) == 1 and "still running" in stopped[0]["MESSAGE"], stopped
+        # Its next turn: stopped, logged, and a fresh checker started.
+        stopped = server.journal.wait_for("checker-failed", MANDOS_CLIENT="foo", timeout=5)
+        assert "still running" in stopped[0]["MESSAGE"], stopped
+        server.journal.wait_for("checker-started", count=2, MANDOS_CLIENT="foo", timeout=5)
+        deadline = time.monotonic() + CHECKER_STOP_GRACE + 2
+        while first & _checker_pids(marker):
+            assert time.monotonic() < deadline, "the hanging checker was not killed"
+            time.sleep(0.05)
+        # The client expires (no checker ever succeeds): the one running then is stopped too.
+        server.journal.wait_for("client-expired", MANDOS_CLIENT="foo", timeout=10)
         assert processes_left(marker, grace=CHECKER_STOP_GRACE + 2) == []
         deadline = time.monotonic() + 2
         while (children := _children(server.process.pid)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert children == []
-        assert len(server.journal.find("checker-started")) == 1
+        started = len(server.journal.find("checker-started"))
+        assert len(server.journal.find("checker-failed")) == started, server.journal.entries
         assert fetch(keys.foo, "127.0.0.1", server.port) == b""
         assert server.stop() == 0
 
