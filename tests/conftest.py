@@ -136,6 +136,20 @@ def upstream_client(upstream_keys: upstream.KeySet) -> UpstreamClient:
 
 
 @pytest.fixture
+def password(upstream_client: UpstreamClient) -> bytes:
+    """The password in the upstream client's blob."""
+    return upstream_client.password
+
+
+@pytest.fixture
+def requests(tmp_path: Path) -> Path:
+    """An agent directory for fake requesters (the agent runs outside any namespace)."""
+    directory = tmp_path / "ask-password"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
 def private_bus() -> Iterator[PrivateSystemBus]:
     with PrivateSystemBus() as bus:
         yield bus

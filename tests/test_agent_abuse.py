@@ -73,16 +73,6 @@ def good(upstream_client: UpstreamClient) -> Iterator[OurServer]:
         yield server
 
 
-@pytest.fixture
-def password(upstream_client: UpstreamClient) -> bytes:
-    return upstream_client.password
-
-
-@pytest.fixture
-def requests(tmp_path: Path) -> Path:
-    directory = tmp_path / "ask-password"
-    directory.mkdir()
-    return directory
 
 
 # --- servers speaking real TLS, misbehaving or slow --------------------------------------

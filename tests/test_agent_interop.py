@@ -30,17 +30,6 @@ def server(upstream_client: UpstreamClient) -> Iterator[UpstreamServer]:
         yield upstream
 
 
-@pytest.fixture
-def password(upstream_client: UpstreamClient) -> bytes:
-    return upstream_client.password
-
-
-@pytest.fixture
-def requests(tmp_path: Path) -> Path:
-    """An agent directory for fake requesters (the agent runs outside any namespace)."""
-    directory = tmp_path / "ask-password"
-    directory.mkdir()
-    return directory
 
 
 

@@ -74,9 +74,7 @@ def _unlock(agents: AgentHarness, pair: VethPair, requests: Path, connect: list[
 
 def test_a_black_holed_first_server_costs_under_a_second(
         veth_pair: VethPair, server: OurServer, black_hole: str, agents: AgentHarness,
-        upstream_client: UpstreamClient, tmp_path: Path) -> None:
-    requests = tmp_path / "ask-password"
-    requests.mkdir()
+        upstream_client: UpstreamClient, requests: Path) -> None:
     alone, behind = [], []
     for run in range(RUNS):  # interleaved: the machine's load hits both alike
         seconds, opened = _unlock(agents, veth_pair, requests, [server.connect],
@@ -94,11 +92,9 @@ def test_a_black_holed_first_server_costs_under_a_second(
 
 def test_a_healthy_first_server_is_the_only_one_asked(
         veth_pair: VethPair, server: OurServer, black_hole: str, agents: AgentHarness,
-        upstream_client: UpstreamClient, tmp_path: Path) -> None:
+        upstream_client: UpstreamClient, requests: Path) -> None:
     """The second server (here the black hole: any connection to it would count) is not
     contacted when the first answers within its head start."""
-    requests = tmp_path / "ask-password"
-    requests.mkdir()
     _, opened = _unlock(agents, veth_pair, requests, [server.connect, black_hole],
                         "cryptsetup:/dev/first", upstream_client.password)
     assert opened == 1
