@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.peers.packages import Root
+from tests.peers.upstream import MANDOS_KEYGEN
 
 REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
@@ -233,11 +234,11 @@ def python_search_path() -> list[str]:
     return list(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
 
 
-def initrd_inputs(kernel_: Kernel, keydir: Path, client_deb: Path) -> str:
-    """A hash of everything the initramfs is made of, so that a change rebuilds it: the
-    client package (the agent and our module), the slim network module, the keys, the kernel
-    and dracut."""
-    digest = hashlib.sha256(RECIPE_VERSION.encode() + client_deb.read_bytes())
+def initrd_inputs(kernel_: Kernel, keydir: Path, client: bytes) -> str:
+    """A hash of everything an initramfs is made of, so that a change rebuilds it: the client
+    (our package, or the version of Debian's mandos-client), the slim network module, the
+    keys, the kernel and dracut."""
+    digest = hashlib.sha256(RECIPE_VERSION.encode() + client)
     files = [(path, path.name) for path in sorted(SLIM_NETWORK_MODULE.iterdir())
              if path.is_file()]
     files += [(path, path.name) for path in sorted(keydir.iterdir())]
@@ -248,17 +249,22 @@ def initrd_inputs(kernel_: Kernel, keydir: Path, client_deb: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def initrd(cache: Path, kernel_: Kernel, keydir: Path, client_deb: Path) -> Path:
-    """The initramfs, from the cache when it is up to date."""
-    image = cache / f"initrd-{initrd_inputs(kernel_, keydir, client_deb)}.img"
+def initrd(cache: Path, kernel_: Kernel, keydir: Path, client_deb: Path | None) -> Path:
+    """The initramfs with our client package (``client_deb``), or with Debian's own
+    ``mandos-client`` and its dracut module (None: the host has them), from the cache when it
+    is up to date."""
+    client = (client_deb.read_bytes() if client_deb is not None else run(
+        ["dpkg-query", "-W", "-f=upstream ${Version}", "mandos-client"]).stdout.encode())
+    flavour = "initrd" if client_deb is not None else "upstream-initrd"
+    image = cache / f"{flavour}-{initrd_inputs(kernel_, keydir, client)}.img"
     if image.exists():
         return image
     with tempfile.TemporaryDirectory(dir=cache) as work:
         partial = Path(work) / "initrd.img"
         with client_root(Path(work), kernel_, keydir, client_deb) as root:
-            run_dracut(root, kernel_, "/tmp/initrd.img")
+            run_dracut(root, kernel_, "/tmp/initrd.img", upstream=client_deb is None)
             root.run(f"cp {root.root}/tmp/initrd.img {partial}", chroot=False)
-        remove_stale(cache.glob("initrd-*.img"))
+        remove_stale(cache.glob(f"{flavour}-*.img"))
         os.replace(partial, image)
     return image
 
@@ -271,16 +277,20 @@ ROOT_DRACUT_CONF = "/var/tmp/dracut-conf.d"
 
 
 @contextmanager
-def client_root(work: Path, kernel_: Kernel, keydir: Path, client_deb: Path) -> Iterator[Root]:
-    """A throwaway copy of this host's root (tests/peers/packages.py) with the client package
-    installed as an admin installs it (Debian's ``mandos-client``, which it replaces, goes),
-    the key set where ``mandos-keygen`` writes it, the VM's kernel modules, and dracut's
-    network-driver module replaced by the slim one (the root is thrown away after)."""
+def client_root(work: Path, kernel_: Kernel, keydir: Path, client_deb: Path | None
+                ) -> Iterator[Root]:
+    """A throwaway copy of this host's root (tests/peers/packages.py) with a Mandos client as
+    an admin installs it: our package ``client_deb`` (Debian's ``mandos-client``, which it
+    replaces, goes), or with None Debian's own, which the host has; the key set ``keydir``
+    where the keygens write it; the VM's kernel modules; and dracut's network-driver module
+    replaced by the slim one (the root is thrown away after)."""
     directory = work / "throwaway"
     directory.mkdir()
     with Root(directory) as root:
-        root.copy_in(client_deb, f"/var/tmp/{client_deb.name}")
-        root.run(f"dpkg -i --force-confold /var/tmp/{client_deb.name}")
+        if client_deb is not None:
+            root.copy_in(client_deb, f"/var/tmp/{client_deb.name}")
+            root.run(f"dpkg -i --force-confold /var/tmp/{client_deb.name}")
+        root.run("rm -rf /etc/keys/mandos")
         root.copy_in(keydir, "/etc/keys/mandos")
         root.run("chown -R root:root /etc/keys/mandos\nchmod 0700 /etc/keys/mandos\n"
                  f"chmod 0600 /etc/keys/mandos/*\nmkdir {ROOT_DRACUT_CONF}\n"
@@ -290,14 +300,33 @@ def client_root(work: Path, kernel_: Kernel, keydir: Path, client_deb: Path) -> 
         yield root
 
 
-def run_dracut(root: Root, kernel_: Kernel, output: str) -> None:
+def run_dracut(root: Root, kernel_: Kernel, output: str, *, upstream: bool = False) -> None:
     """Run the root's dracut as ``dracut -f`` would (the host's dracut configuration left
-    out), for the VM's kernel, writing ``output`` (a path in the root)."""
-    root.run(f"dracut --conf /dev/null --confdir {ROOT_DRACUT_CONF} --force --no-hostonly "
+    out), for the VM's kernel, writing ``output`` (a path in the root).  With ``upstream``,
+    Debian's module ``mandos`` instead of ours: it refuses to build anything but a host-only
+    image, which on this host leaves out the ciphers of the VM's LUKS volume, so those are
+    named."""
+    modules, drivers = DRACUT_MODULES, DRACUT_DRIVERS
+    hostonly, omit = "--no-hostonly", "mandos plymouth"
+    if upstream:
+        modules = modules.replace("mandos-agent", "mandos")
+        drivers += " xts aes_generic"
+        hostonly, omit = "--hostonly --hostonly-mode sloppy", "plymouth"
+    root.run(f"dracut --conf /dev/null --confdir {ROOT_DRACUT_CONF} --force {hostonly} "
              f"--no-hostonly-cmdline --kver {kernel_.version} "
-             f"--kmoddir {ROOT_KERNEL}/{kernel_.version} --compress zstd "
-             f"--omit 'mandos plymouth' --modules '{DRACUT_MODULES}' "
-             f"--drivers '{DRACUT_DRIVERS}' {output} 2>&1")
+             f"--kmoddir {ROOT_KERNEL}/{kernel_.version} --compress zstd --omit '{omit}' "
+             f"--modules '{modules}' --drivers '{drivers}' {output} 2>&1")
+
+
+def upstream_keys(cache: Path) -> Path:
+    """A key set from Debian's ``mandos-keygen`` (RSA, as upstream makes them), for the
+    upstream initramfs: made once."""
+    keydir = cache / "secret" / "upstream-keys"
+    if not (keydir / "tls-privkey.pem").exists():
+        shutil.rmtree(keydir, ignore_errors=True)
+        keydir.mkdir(mode=0o700, parents=True)
+        run([MANDOS_KEYGEN, "--dir", str(keydir), "--name", "vmupstream"])
+    return keydir
 
 
 def build(client_deb: Path, cache: Path | None = None) -> VmImages:
@@ -312,3 +341,13 @@ def build(client_deb: Path, cache: Path | None = None) -> VmImages:
         disk_ = disk(cache, busybox(cache), passphrase)
         return VmImages(kernel_, disk_, initrd(cache, kernel_, keydir, client_deb), keydir,
                         passphrase)
+
+
+def build_upstream(cache: Path | None = None) -> tuple[Path, Path]:
+    """The initramfs made with Debian's own ``mandos-client`` and dracut module, and its key
+    set (from Debian's keygen), from the cache when up to date; boot it with :func:`build`'s
+    kernel and disk."""
+    cache = cache or cache_directory()
+    with locked(cache):
+        keydir = upstream_keys(cache)
+        return initrd(cache, kernel(cache), keydir, None), keydir

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.peers import upstream
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.upstream import UpstreamServer
 from tests.peers.zeroconf import PORT as ZEROCONF_PORT
@@ -46,9 +47,10 @@ def lan() -> Iterator[VmLan]:
 
 
 def boot_on(lan: VmLan, vm_images: images.VmImages, log: Path, *extra: str,
-            typist: qemu.Typist | None = None,
-            triggers: tuple[qemu.Trigger, ...] = ()) -> qemu.Boot:
-    return qemu.run(kernel=vm_images.kernel.vmlinuz, initrd=vm_images.initrd,
+            typist: qemu.Typist | None = None, triggers: tuple[qemu.Trigger, ...] = (),
+            initrd: Path | None = None) -> qemu.Boot:
+    """Boot the VM's disk on ``lan`` (with our initramfs, unless ``initrd`` is given)."""
+    return qemu.run(kernel=vm_images.kernel.vmlinuz, initrd=initrd or vm_images.initrd,
                     append=root_command_line(vm_images.disk, *extra),
                     devices=["-drive", f"file={vm_images.disk.image},format=raw,if=virtio,"
                              "snapshot=on", *lan.qemu_devices()],
@@ -232,3 +234,24 @@ def test_the_server_comes_up_20_s_after_the_request(lan: VmLan, vm_images: image
     assert late.up is not None and answered is not None, context
     print(f"server up at {late.up:.1f} s, answered at {answered:.1f} s")
     assert answered - late.up <= 2.0, f"answered {answered - late.up:.2f} s after; {context}"
+
+
+def test_debians_own_dracut_module_unlocks_from_our_server(
+        lan: VmLan, vm_images: images.VmImages, tmp_path: Path) -> None:
+    """A mixed fleet the other way (boot 3): an initramfs that dracut built with Debian's
+    own ``mandos-client`` and its module (upstream's ``password-agent`` and ``mandos-client``,
+    keys from upstream's keygen) finds our server by Zeroconf and unlocks."""
+    initrd, keydir = images.build_upstream()
+    section = upstream.upstream_section(upstream.KeySet.in_directory(keydir), "vmupstream",
+                                        vm_images.passphrase.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="mandos-test-lan-") as directory, \
+            OurServerInNamespace(lan.server, section, Path(directory)) as server:
+        result = boot_on(lan, vm_images, tmp_path / "serial.log", *IPV6_ONLY, initrd=initrd)
+        output = server.output()
+    assert_unlocked(result, vm_images)
+    context = console_context(result)
+    assert result.first(r"Started .*ask-password-mando") is not None, context
+    assert result.first(r"(?<!/run/)mandos-password-agent:") is None, f"our agent ran; {context}"
+    sent = [line for line in output.splitlines() if "secret-sent" in line]
+    assert len(sent) == 1 and "client=vmupstream" in sent[0] and "peer=fe80::" in sent[0], \
+        output
