@@ -23,6 +23,7 @@ import os
 import queue
 import socket
 import time
+from pathlib import Path
 
 import ifaddr
 from zeroconf import (
@@ -39,6 +40,8 @@ SERVICE_TYPE = "_mandos._tcp.local."
 GRACE = 0.3
 #: With no server found yet, a browse older than this is started afresh.
 RESTART_SECONDS = 2.0
+#: While waiting for the first server, how often the interfaces are looked at again.
+POLL_SECONDS = 0.1
 
 
 def _is_loopback(adapter: ifaddr.Adapter) -> bool:
@@ -46,18 +49,40 @@ def _is_loopback(adapter: ifaddr.Adapter) -> bool:
                for ip in adapter.ips)
 
 
+#: From <linux/if_addr.h>: an address still in duplicate address detection, or failed it.
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+
+
+def _ipv6_ready(if_inet6: Path = Path("/proc/net/if_inet6")) -> set[str]:
+    """The interfaces with an IPv6 address that is done with duplicate address detection:
+    until then it cannot be bound, and mDNS over IPv6 on that interface finds nothing."""
+    try:
+        lines = if_inet6.read_text().splitlines()
+    except OSError:
+        return set()
+    ready = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 6 and not int(fields[4], 16) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            ready.add(fields[5])
+    return ready
+
+
 def _interfaces(interface: str | None) -> list[str | int]:
-    """python-zeroconf's interface list: the IPv4 addresses, and the index for IPv6, of
-    ``interface``, or of every interface but loopback; empty if there is none (yet).
+    """python-zeroconf's interface list: the IPv4 addresses, and the index for IPv6 once an
+    address there is usable, of ``interface``, or of every interface but loopback; empty if
+    there is none (yet).
 
     Not ``InterfaceChoice.All``: that takes loopback too, and mDNS sent from ``::1`` to
     ``ff02::fb`` fails with ENETUNREACH, which python-zeroconf logs with a traceback on every
     browse of an IPv6-only initramfs (found booting one on a bridged LAN)."""
     chosen: list[str | int] = []
+    ready = _ipv6_ready()
     for adapter in ifaddr.get_adapters():
         if adapter.name == interface or (interface is None and not _is_loopback(adapter)):
             chosen += [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)]
-            if any(isinstance(ip.ip, tuple) for ip in adapter.ips):
+            if adapter.name in ready:
                 chosen.append(socket.if_nametoindex(adapter.name))
     return chosen
 
@@ -94,10 +119,10 @@ class Browser:
     at the agent's next round.
 
     :meth:`servers` gives what has been resolved so far; :meth:`fileno` turns readable when an
-    announcement arrives, for the agent's waits.  Until a first server is found, every call of
-    :meth:`servers` after :data:`RESTART_SECONDS` starts the browse afresh on the interfaces as
-    they are then: early in the boot, a link-local address still in duplicate address
-    detection cannot be bound, and an interface that came up later would not be used.
+    announcement arrives, for the agent's waits.  Until a first server is found, the browse
+    starts afresh whenever the usable interfaces change (a link comes up, a link-local address
+    finishes duplicate address detection: before that it cannot be bound, and a browse over
+    it finds nothing) and at every call of :meth:`servers` after :data:`RESTART_SECONDS`.
     """
 
     def __init__(self, interface: str | None = None) -> None:
@@ -105,6 +130,7 @@ class Browser:
         self._scope = None if interface is None else socket.if_nametoindex(interface)
         self._zeroconf: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
+        self._interfaces: list[str | int] = []
         self._started = 0.0
         self._names: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._found: dict[str, list[tuple[str, int]]] = {}
@@ -121,16 +147,13 @@ class Browser:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, b"\0")
 
-    def _restart(self) -> bool:
-        """A fresh browse on the interfaces there are now; False if there is none yet."""
+    def _restart(self, interfaces: list[str | int]) -> None:
+        """A fresh browse on ``interfaces``."""
         self._stop()
-        interfaces = _interfaces(self.interface)
-        if not interfaces:
-            return False
+        self._interfaces = interfaces
         self._started = time.monotonic()
         self._zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
         self._browser = ServiceBrowser(self._zeroconf, SERVICE_TYPE, handlers=[self._on_change])
-        return True
 
     def _resolve(self, zeroconf: Zeroconf, name: str, seconds: float) -> None:
         info = ServiceInfo(SERVICE_TYPE, name)
@@ -143,20 +166,31 @@ class Browser:
 
     def servers(self, timeout: float) -> list[tuple[str, int]]:
         """``(host, port)`` of every Mandos server found so far, best first.  With none found
-        yet, waits up to ``timeout`` seconds for one, and returns :data:`GRACE` seconds after
-        the first is resolved; empty at once if no interface has an address yet."""
+        yet, waits up to ``timeout`` seconds for one (and for an interface to browse on, early
+        in the boot), and returns :data:`GRACE` seconds after the first is resolved."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_read, 4096)
-        stale = self._zeroconf is None or time.monotonic() - self._started > RESTART_SECONDS
-        if not self._found and stale and not self._restart():
-            return []
-        assert self._zeroconf is not None
         deadline = time.monotonic() + (timeout if not self._found else 0)
+        if not self._found and (self._zeroconf is None
+                                or time.monotonic() - self._started > RESTART_SECONDS):
+            self._stop()  # started afresh below, on the interfaces there are then
         while True:
+            if not self._found:
+                interfaces = _interfaces(self.interface)
+                if interfaces and (self._zeroconf is None or interfaces != self._interfaces):
+                    self._restart(interfaces)  # the first, or a link that came up meanwhile
+            left = deadline - time.monotonic()
+            if self._zeroconf is None:
+                if left <= 0:
+                    return []
+                time.sleep(min(left, POLL_SECONDS))
+                continue
             try:
-                name, present = self._names.get(timeout=max(0, deadline - time.monotonic()))
+                name, present = self._names.get(timeout=max(0, min(left, POLL_SECONDS)))
             except queue.Empty:
-                break
+                if left <= POLL_SECONDS:
+                    break
+                continue
             if not present:
                 self._found.pop(name, None)
                 continue
