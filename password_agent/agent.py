@@ -35,7 +35,7 @@ from password_agent import stopsignal
 from password_agent.answered import AnsweredRecord
 from password_agent.asks import socket_problem
 from password_agent.decrypt import HOME_PREFIX, Decryptor
-from password_agent.errors import AgentError
+from password_agent.errors import AgentError, NetworkNotUp
 from password_agent.fetch import FETCH_TIMEOUT, Wait, fetch_blob
 from password_agent.gnupghome import remove_stale_homes
 from password_agent.keyfiles import KeyFiles
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.5
 #: How long one Zeroconf browse listens for announcements.
 BROWSE_SECONDS = 2.0
+#: The pause after a round in which every server failed for this host's own network (still
+#: coming up: no route, or the link-local address in duplicate address detection).
+NETWORK_RETRY = 0.25
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class Agent:
         self._run_directory: Path | None = None
         self._decryptor: Decryptor | None = None
         self._browser: Browser | None = None
+        #: Whether every server of the last round failed for this host's own network.
+        self._network_not_up = False
         self._interface_checked = False
 
     def _open_record(self) -> None:
@@ -225,10 +230,13 @@ class Agent:
                 self._prepare()
                 password = self._fetch_password(watcher, deadline)
                 if password is None:
-                    # An announcement (a server that came up) ends the back-off at once.
-                    watcher.wait_while_pending(deadline.left(backoff), wake=(
+                    # An announcement (a server that came up) ends the back-off at once; a
+                    # network still coming up is tried again soon, without growing it.
+                    pause = NETWORK_RETRY if self._network_not_up else backoff
+                    watcher.wait_while_pending(deadline.left(pause), wake=(
                         None if self._browser is None else self._browser.fileno()))
-                    backoff = min(backoff * 2, self.config.retry)
+                    if not self._network_not_up:
+                        backoff = min(backoff * 2, self.config.retry)
                     continue
                 try:
                     watcher.poll()
@@ -287,8 +295,10 @@ class Agent:
 
         outcomes = race(servers, fetch, wait, keep_going)
         repeated: bytearray | None = None  # one already sent to every pending request
+        ours: list[bool] = []  # per outcome, whether it failed for our own network
         try:
             for outcome in outcomes:
+                ours.append(isinstance(outcome.error, NetworkNotUp))
                 if outcome.error is not None:
                     log.info("%s", outcome.error)
                 elif not outcome.blob:
@@ -307,6 +317,7 @@ class Agent:
                         password[:] = bytes(len(password))
         finally:
             outcomes.close()  # abandons the servers still being asked
+            self._network_not_up = bool(ours) and all(ours)
         if not watcher.pending:
             log.info("no request is pending any more; fetch abandoned")
         return repeated  # if any, answering sets the requests aside for the human

@@ -1,4 +1,5 @@
-"""The one exception type of :mod:`password_agent` (the agent and ``mandos-keygen``)."""
+"""The one exception type of :mod:`password_agent` (the agent and ``mandos-keygen``), and the
+one case of it that the agent's retries tell apart."""
 
 
 class AgentError(Exception):
@@ -9,3 +10,10 @@ class AgentError(Exception):
     The message says what happened and what to do about it, on one line.  It never contains the
     password or any other secret.
     """
+
+
+class NetworkNotUp(AgentError):
+    """Connecting failed for a reason of this host's own network, not the server's: no route
+    yet, or the link-local address still in duplicate address detection.  Early in the boot
+    this clears within a second or two, so the agent tries again soon instead of backing off
+    further."""

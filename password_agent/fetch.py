@@ -24,7 +24,7 @@ from typing import TypeVar
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
 from mandos_protocol.wire import PROTOCOL_LINE, resumable_send
-from password_agent.errors import AgentError
+from password_agent.errors import AgentError, NetworkNotUp
 from password_agent.servers import Server
 
 #: An OpenPGP-encrypted password is well under 2 KiB; anything this large is not one.
@@ -32,6 +32,9 @@ MAX_BLOB = 64 * 1024
 
 #: How long the whole exchange with one server may take: connect, handshake and blob.
 FETCH_TIMEOUT = 10.0
+#: What ``connect`` says while this host's network is still coming up: no route yet, or the
+#: link-local source address still tentative.
+NETWORK_NOT_UP = (errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 #: ``wait(fd, write, seconds)``: wait up to ``seconds`` for ``fd`` to be writable (else
 #: readable); raises to abandon the fetch (SIGTERM, no request left).
@@ -101,6 +104,8 @@ def _connect(server: Server, exchange: _Exchange) -> socket.socket:
             connection.close()
             raise
     reason = (failure.strerror or str(failure)) if failure is not None else "no address"
+    if failure is not None and failure.errno in NETWORK_NOT_UP:
+        raise NetworkNotUp(f"cannot connect to {server}: {reason}")
     raise AgentError(f"cannot connect to {server}: {reason}")
 
 

@@ -98,3 +98,31 @@ def test_a_healthy_first_server_is_the_only_one_asked(
     _, opened = _unlock(agents, veth_pair, requests, [server.connect, black_hole],
                         "cryptsetup:/dev/first", upstream_client.password)
     assert opened == 1
+
+
+def test_a_network_still_coming_up_is_retried_at_once(
+        veth_pair: VethPair, server: OurServer, agents: AgentHarness,
+        upstream_client: UpstreamClient, requests: Path) -> None:
+    """Early in the boot the agent's own network is not up (no address, so no route: connect
+    fails with ENETUNREACH).  Those rounds do not grow the back-off, so once the address is
+    there the password comes within half a second (growing it, the next try came up to
+    2 s late)."""
+    side = veth_pair.a
+    subprocess.run(["ip", "-n", side.netns, "addr", "flush", "dev", side.interface, "scope",
+                    "global"], check=True, capture_output=True, timeout=10)
+    with FakeRequester(requests, {"Id": "cryptsetup:/dev/late-network"}) as request:
+        agent = agents.start("--timeout", "30", connect=[server.connect],
+                             agent_directory=requests,
+                             wrap=lambda argv: veth_pair.wrap(side, argv))
+        agent.wait_log("Network is unreachable")
+        time.sleep(2.5)  # several rounds without a network
+        subprocess.run(["ip", "-n", side.netns, "addr", "add", f"{side.ipv4}/24", "dev",
+                        side.interface], check=True, capture_output=True, timeout=10)
+        restored = time.monotonic()
+        reply = request.receive(30) or b""
+        delay = time.monotonic() - restored
+        assert reply.removesuffix(b"\0") == b"+" + upstream_client.password, agent.log()
+        request.remove_ask_file()
+        assert agent.wait() == 0, agent.log()
+    print(f"answered {delay:.2f} s after the network came up")
+    assert delay <= 0.8, agent.log()
