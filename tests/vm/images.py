@@ -262,7 +262,8 @@ def initrd(cache: Path, kernel_: Kernel, keydir: Path, client_deb: Path | None) 
     with tempfile.TemporaryDirectory(dir=cache) as work:
         partial = Path(work) / "initrd.img"
         with client_root(Path(work), kernel_, keydir, client_deb) as root:
-            run_dracut(root, kernel_, "/tmp/initrd.img", upstream=client_deb is None)
+            run_dracut(root, kernel_, "/tmp/initrd.img",
+                       module="mandos-agent" if client_deb is not None else "mandos")
             root.run(f"cp {root.root}/tmp/initrd.img {partial}", chroot=False)
         remove_stale(cache.glob(f"{flavour}-*.img"))
         os.replace(partial, image)
@@ -300,19 +301,21 @@ def client_root(work: Path, kernel_: Kernel, keydir: Path, client_deb: Path | No
         yield root
 
 
-def run_dracut(root: Root, kernel_: Kernel, output: str, *, upstream: bool = False) -> None:
+def run_dracut(root: Root, kernel_: Kernel, output: str, *,
+               module: str | None = "mandos-agent", hostonly: bool | None = None) -> None:
     """Run the root's dracut as ``dracut -f`` would (the host's dracut configuration left
-    out), for the VM's kernel, writing ``output`` (a path in the root).  With ``upstream``,
-    Debian's module ``mandos`` instead of ours: it refuses to build anything but a host-only
-    image, which on this host leaves out the ciphers of the VM's LUKS volume, so those are
-    named."""
-    modules, drivers = DRACUT_MODULES, DRACUT_DRIVERS
-    hostonly, omit = "--no-hostonly", "mandos plymouth"
-    if upstream:
-        modules = modules.replace("mandos-agent", "mandos")
+    out), for the VM's kernel, writing ``output`` (a path in the root), with the Mandos dracut
+    module ``module``: ours, Debian's ``mandos``, or None (the base image, for comparing
+    sizes).  Debian's module refuses to build anything but a host-only image (``hostonly``
+    defaults to that for it), which on this host leaves out the ciphers of the VM's LUKS
+    volume, so those are named."""
+    modules = DRACUT_MODULES.replace("mandos-agent", module or "").strip()
+    drivers, mode = DRACUT_DRIVERS, "--no-hostonly"
+    if hostonly if hostonly is not None else module == "mandos":
         drivers += " xts aes_generic"
-        hostonly, omit = "--hostonly --hostonly-mode sloppy", "plymouth"
-    root.run(f"dracut --conf /dev/null --confdir {ROOT_DRACUT_CONF} --force {hostonly} "
+        mode = "--hostonly --hostonly-mode sloppy"
+    omit = "plymouth" if module == "mandos" else "mandos plymouth"
+    root.run(f"dracut --conf /dev/null --confdir {ROOT_DRACUT_CONF} --force {mode} "
              f"--no-hostonly-cmdline --kver {kernel_.version} "
              f"--kmoddir {ROOT_KERNEL}/{kernel_.version} --compress zstd --omit '{omit}' "
              f"--modules '{modules}' --drivers '{drivers}' {output} 2>&1")

@@ -1,0 +1,140 @@
+"""The boot benchmark: our agent's initramfs beside Debian's own Mandos dracut module, on the
+same base image, in one run (issue 11's table).
+
+The initramfs images are built in throwaway copies of this host's root (tests/vm/images.py),
+for the same kernel, the same dracut modules and the same slim network drivers: ours (the
+``mandos-password-agent`` package built from this tree, a generic image), upstream's (Debian's
+``mandos-client`` and its ``90mandos`` module, which builds only host-only images), and the
+base without any Mandos module, once generic and once host-only.  The growth of each over its
+base is what it adds.
+
+Then the same LUKS disk boots with each, interleaved, ``--runs`` times, on the bridged LAN of
+tests/vm/lan.py, IPv6 link-local only, finding our server by Zeroconf as most sites do.  Read
+off the serial console, in seconds after qemu started: the disk's passphrase prompt (the
+request), the end of systemd-cryptsetup (unlocked) and the root's init (root).  Medians are
+printed and written to ``bench/results/boot-<time>.md``.
+
+    ./dev bench --boot [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.peers import upstream
+from tests.peers.packages import build
+from tests.peers.zeroconf import OurServerInNamespace
+from tests.vm import images, qemu
+from tests.vm.boots import DONE, root_command_line, section_for
+from tests.vm.lan import VmLan
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EVENTS = {"request": r"Please enter passphrase for disk",
+          "unlocked": r"Finished .*systemd-cryptsetu",
+          "root": DONE}
+BOOT_TIMEOUT = 120.0
+
+
+@dataclass
+class Flavour:
+    """One initramfs and what its boots measured."""
+
+    name: str
+    image: Path
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in EVENTS})
+
+    @property
+    def size(self) -> int:
+        return self.image.stat().st_size
+
+
+def base_images(vm: images.VmImages, work: Path) -> tuple[int, int]:
+    """The sizes of the initramfs without any Mandos module, built as ours is (generic) and
+    as upstream's is (host-only), for the growth of each."""
+    sizes = []
+    with images.client_root(work, vm.kernel, vm.keydir, None) as root:
+        for hostonly in (False, True):
+            images.run_dracut(root, vm.kernel, "/tmp/base.img", module=None, hostonly=hostonly)
+            sizes.append(int(root.run("stat -c %s /tmp/base.img").stdout))
+    return sizes[0], sizes[1]
+
+
+def boot(flavour: Flavour, vm: images.VmImages, lan: VmLan, log: Path) -> None:
+    result = qemu.run(kernel=vm.kernel.vmlinuz, initrd=flavour.image,
+                      append=root_command_line(vm.disk, "net.ifnames=0", "ip=eth0:link6",
+                                               "rd.neednet=1"),
+                      devices=["-drive", f"file={vm.disk.image},format=raw,if=virtio,"
+                               "snapshot=on", *lan.qemu_devices()],
+                      log=log, timeout=BOOT_TIMEOUT, done_marker=DONE, wrap=lan.wrap)
+    for event, pattern in EVENTS.items():
+        at = result.first(pattern)
+        if at is None:
+            raise SystemExit(f"bench: {flavour.name}: no {event!r} on the console ({log})")
+        flavour.seconds[event].append(at)
+
+
+def table(bases: tuple[int, int], flavours: list[Flavour], runs: int) -> str:
+    (base, base_hostonly), (ours, theirs) = bases, flavours
+    lines = [f"Boot benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+             f"{runs} boots of each, interleaved, medians; TCG.",
+             "",
+             "| | ours | upstream | ours/upstream |",
+             "|---|---|---|---|",
+             f"| base without Mandos (zstd; generic, host-only as upstream's) | "
+             f"{base / 1e6:.1f} MB | {base_hostonly / 1e6:.1f} MB | |",
+             f"| initramfs (zstd) | {ours.size / 1e6:.1f} MB | {theirs.size / 1e6:.1f} MB | |",
+             f"| growth over its base | {(ours.size - base) / 1e6:.1f} MB | "
+             f"{(theirs.size - base_hostonly) / 1e6:.1f} MB | "
+             f"{(ours.size - base) / (theirs.size - base_hostonly):.2f} |"]
+    for event in EVENTS:
+        mine, their = (statistics.median(f.seconds[event]) for f in flavours)
+        lines.append(f"| {event} (s after qemu start) | {mine:.1f} | {their:.1f} | "
+                     f"{mine / their:.2f} |")
+    answer = [statistics.median(u - r for u, r in zip(f.seconds["unlocked"],
+                                                      f.seconds["request"], strict=True))
+              for f in flavours]
+    lines.append(f"| request to unlocked (s) | {answer[0]:.2f} | {answer[1]:.2f} | "
+                 f"{answer[0] / answer[1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./dev bench --boot", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="boots of each (default 3)")
+    arguments = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mandos-bench-boot-") as temporary:
+        work = Path(temporary)
+        debs, _ = build(work / "dist", "--no-lintian")
+        (client_deb,) = (deb for deb in debs if deb.name.startswith("mandos-password-agent_"))
+        vm = images.build(client_deb)
+        upstream_image, upstream_keydir = images.build_upstream()
+        (work / "base").mkdir()
+        bases = base_images(vm, work / "base")
+        flavours = [Flavour("ours", vm.initrd), Flavour("upstream", upstream_image)]
+        sections = (section_for(vm, vm.passphrase) + "\n" + upstream.upstream_section(
+            upstream.KeySet.in_directory(upstream_keydir), "vmupstream",
+            vm.passphrase.read_bytes()))
+        (work / "server").mkdir()
+        with VmLan() as lan, OurServerInNamespace(lan.server, sections, work / "server"):
+            for run in range(arguments.runs):
+                for flavour in flavours:
+                    print(f"bench: boot {run + 1}/{arguments.runs} with {flavour.name}",
+                          file=sys.stderr)
+                    boot(flavour, vm, lan, work / f"{flavour.name}-{run}.log")
+    report = table(bases, flavours, arguments.runs)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"boot-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}.md"
+    path.write_text(report)
+    print(report + f"\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
