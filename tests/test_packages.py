@@ -58,8 +58,10 @@ def root(tmp_path: Path) -> Iterator[Root]:
 
 
 def install(root: Root, build: Build) -> str:
-    debs = " ".join(shlex.quote(str(deb)) for deb in build.debs)
-    return root.run(f"{APT_INSTALL} {debs}").stdout
+    for deb in build.debs:
+        root.copy_in(deb, f"/var/tmp/{deb.name}")
+    debs = " ".join(shlex.quote(f"/var/tmp/{deb.name}") for deb in build.debs)
+    return root.run(f"{APT_INSTALL} {debs}\nrm {debs}").stdout
 
 
 SERVER_FILES = ("/usr/bin/mandos-server", "/usr/bin/mandos-ctl",

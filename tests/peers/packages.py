@@ -4,9 +4,10 @@
 The throwaway root is the host's own ``/`` under an overlay whose upper layer is a tmpfs, in a
 private mount namespace held by one shell (:class:`Root`): whatever the steps change is gone when
 that shell exits, which it does when the test closes its stdin, even if the test dies.  Each
-step runs there with ``nsenter`` and ``chroot``, with a fresh ``/run`` (no
-``/run/systemd/system``: the maintainer scripts see no running systemd and start nothing, and
-``systemctl`` in a chroot is offline anyway) and a ``policy-rc.d`` that refuses every start.
+step runs there with ``nsenter`` and ``chroot``, with an empty ``/tmp``, a fresh ``/run``
+(no ``/run/systemd/system``: the maintainer scripts see no running systemd and start nothing,
+and ``systemctl`` in a chroot is offline anyway) and a ``policy-rc.d`` that refuses every
+start.
 The overlay shows the root file system only: :meth:`Root.copy_in` brings in files from
 elsewhere.
 """
@@ -68,6 +69,9 @@ mount -t proc proc "$1/root/proc"
 mount --rbind /dev "$1/root/dev"
 mount --rbind /sys "$1/root/sys"
 mount -t tmpfs -o mode=0755 run "$1/root/run"
+# An empty /tmp, not the host's (test runs and clones): a VM booting this root would have
+# systemd-tmpfiles empty it at boot, file by file through 9p, which took minutes.
+mount -t tmpfs -o mode=1777 tmp "$1/root/tmp"
 printf '#!/bin/sh\\nexit 101\\n' > "$1/root/usr/sbin/policy-rc.d"
 chmod 0755 "$1/root/usr/sbin/policy-rc.d"
 echo ready

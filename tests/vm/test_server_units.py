@@ -42,7 +42,7 @@ requester, stopped then, got no password), while the agent that waits for it run
 without a capability, under no_new_privs and a seccomp filter.  Then the server again: reload
 and the watchdog work; it stops cleanly and leaves its state file; nothing it logged looks
 like a sandbox denial.  The VM has no network device and powers off when the checks are
-done: about 85 s under TCG on a busy 2-core host.
+done: about 35-45 s under TCG on a 2-core host.
 """
 
 from __future__ import annotations
