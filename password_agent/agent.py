@@ -273,6 +273,7 @@ class Agent:
         """One round over the servers, asked at once but staggered (:mod:`race`); the first
         password decrypted that some pending request did not get before, else one that all
         got before (to be left to the human), else None."""
+        self._network_not_up = False
         try:
             servers = self._servers(deadline)
         except ImportError:
