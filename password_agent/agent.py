@@ -255,7 +255,9 @@ class Agent:
 
             self._browser = Browser(self.config.interfaces.only)
         found = [Server(host, port)
-                 for host, port in self._browser.servers(deadline.left(BROWSE_SECONDS))]
+                 for host, port in self._browser.servers(
+                     deadline.left(BROWSE_SECONDS), stop=lambda: stopsignal.received() is not None)]
+        stopsignal.check()
         if found:
             log.info("Zeroconf found %s", ", ".join(str(server) for server in found))
         else:

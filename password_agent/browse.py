@@ -23,6 +23,7 @@ import os
 import queue
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ifaddr
@@ -164,17 +165,21 @@ class Browser:
         if addresses:
             self._found[name] = addresses
 
-    def servers(self, timeout: float) -> list[tuple[str, int]]:
+    def servers(self, timeout: float, stop: Callable[[], bool] = lambda: False
+                ) -> list[tuple[str, int]]:
         """``(host, port)`` of every Mandos server found so far, best first.  With none found
         yet, waits up to ``timeout`` seconds for one (and for an interface to browse on, early
-        in the boot), and returns :data:`GRACE` seconds after the first is resolved."""
+        in the boot), and returns :data:`GRACE` seconds after the first is resolved.
+
+        ``stop`` is asked every :data:`POLL_SECONDS`; when true, the wait ends with what was
+        found so far: a SIGTERM (switch-root) must not wait for the round's end."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_read, 4096)
         deadline = time.monotonic() + (timeout if not self._found else 0)
         if not self._found and (self._zeroconf is None
                                 or time.monotonic() - self._started > RESTART_SECONDS):
             self._stop()  # started afresh below, on the interfaces there are then
-        while True:
+        while not stop():
             if not self._found:
                 interfaces = _interfaces(self.interface)
                 if interfaces and (self._zeroconf is None or interfaces != self._interfaces):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,34 @@ def test_agent_finds_upstreams_own_announcement(
             bus=private_bus) as server:
         log = _agent_answers_by_zeroconf(veth_pair, upstream_client, tmp_path)
     assert _fetched_over_link_local(log, veth_pair, server.port), log
+
+
+def test_sigterm_ends_a_browse_at_once(veth_pair: VethPair, upstream_client: UpstreamClient,
+                                       tmp_path: Path) -> None:
+    """No server on the link: the agent browses in rounds of 2 s.  A SIGTERM in the middle of
+    one (switch-root's) must end the agent within 1 s; it used to wait for the round's end."""
+    requests = tmp_path / "ask-password"
+    requests.mkdir()
+    work = Path(tempfile.mkdtemp(prefix="mpa-"))
+    agent: AgentRun | None = None
+    try:
+        with FakeRequester(requests):
+            agent = AgentRun(
+                ["--keydir", str(upstream_client.keys.directory), "--run-directory",
+                 str(work / "run"),
+                 "--kernel-cmdline", "/dev/null", "--timeout", "60", "--agent-directory",
+                 str(requests), f"--interface={veth_pair.b.interface}"],
+                work / "agent.log", functools.partial(VethPair.wrap, veth_pair.b))
+            agent.wait_log("Zeroconf found no Mandos server", timeout=30)
+            time.sleep(1.0)  # past the 0.5 s back-off: inside the next 2 s browse
+            agent.process.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            status = agent.wait(timeout=10)
+            took = time.monotonic() - sent
+        assert status == 0, agent.log()
+        assert took < 1.0, f"{took:.2f} s after SIGTERM:\n{agent.log()}"
+        assert [path.name for path in (work / "run").iterdir()] in ([], ["answered"])
+    finally:
+        if agent is not None:
+            agent.stop()
+        shutil.rmtree(work, ignore_errors=True)
