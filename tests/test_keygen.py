@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from mandos_protocol.wire import key_id
-from password_agent.keygen_files import backup_name
-from password_agent.keygen_openpgp import armor_body
-from password_agent.keygen_tls import key_id_of_pem
+from password_agent.keygen.files import backup_name
+from password_agent.keygen.openpgp import armor_body
+from password_agent.keygen.tls import key_id_of_pem
 from tests.conftest import UpstreamClient
 from tests.peers.agent import processes_left
 from tests.peers.leaks import WATCH

@@ -32,7 +32,7 @@ from mandos_protocol.coredump import forbid_core_dumps
 from password_agent import stopsignal
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
-from password_agent.keygen_files import (
+from password_agent.keygen.files import (
     PUBLIC_MODE,
     SECRET_MODE,
     check_directory,
@@ -40,7 +40,7 @@ from password_agent.keygen_files import (
     install,
     refuse_overwrite,
 )
-from password_agent.keygen_openpgp import (
+from password_agent.keygen.openpgp import (
     DEFAULT_KEY_TYPE,
     DEFAULT_LENGTH,
     DEFAULT_SUBKEY_TYPE,
@@ -49,13 +49,13 @@ from password_agent.keygen_openpgp import (
     encrypt_to_own_key,
     generate_openpgp_key,
 )
-from password_agent.keygen_password import (
+from password_agent.keygen.password import (
     SshHostKey,
     prompt_password,
     read_passfile,
     scan_local_ssh_key,
 )
-from password_agent.keygen_tls import (
+from password_agent.keygen.tls import (
     DEFAULT_TLS_KEY_TYPE,
     check_tls_key_type,
     generate_tls_key,
@@ -248,6 +248,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m password_agent.keygen``: the same as ``mandos-keygen``."""
+
+import sys
+
+from password_agent.keygen.cli import main
+
+sys.exit(main())
