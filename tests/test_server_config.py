@@ -77,29 +77,29 @@ def test_missing_file_means_no_clients(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("body", "where"), [
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\ntimeout = soon\n", "[foo] timeout"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\ninterval = PT5X\n", "[foo] interval"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\nextended_timeout = -5s\n", "[foo] extended_timeout"),
-    (f"key_id = {KEY_A}\nsecret = not*base64!\n", "[foo] secret"),
-    (f"key_id = {KEY_A}\n", "[foo] secret"),
-    (f"key_id = {KEY_A}\nsecfile = /nonexistent/blob\n", "[foo] secfile"),
-    (f"secret = {SECRET}\n", "[foo] key_id"),
-    (f"key_id = xyz\nsecret = {SECRET}\n", "[foo] key_id"),
-    (f"key_id = {EMPTY_KEY_ID}\nsecret = {SECRET}\n", "[foo] key_id"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\nenabled = perhaps\n", "[foo] enabled"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\ntimeout = soon\n", "4: [foo] timeout"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\ninterval = PT5X\n", "4: [foo] interval"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nextended_timeout = -5s\n", "4: [foo] extended_timeout"),
+    (f"key_id = {KEY_A}\nsecret = not*base64!\n", "3: [foo] secret"),
+    (f"key_id = {KEY_A}\n", "1: [foo] secret"),
+    (f"key_id = {KEY_A}\nsecfile = /nonexistent/blob\n", "3: [foo] secfile"),
+    (f"secret = {SECRET}\n", "1: [foo] key_id"),
+    (f"key_id = xyz\nsecret = {SECRET}\n", "2: [foo] key_id"),
+    (f"key_id = {EMPTY_KEY_ID}\nsecret = {SECRET}\n", "2: [foo] key_id"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nenabled = perhaps\n", "4: [foo] enabled"),
     (f"key_id = {KEY_A}\nsecret = {SECRET}\napproved_by_default = 2\n",
-     "[foo] approved_by_default"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\nhost = %(nothing)s\n", "[foo] host"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\ntimeout = P9000Y\n", "[foo] timeout"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\nchecker = ping \"%%(host)s\"\n", "[foo] checker"),
-    (f"key_id = {KEY_A}\nsecret = {SECRET}\nchecker = ssh x '%%(host)s'\n", "[foo] checker"),
+     "4: [foo] approved_by_default"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nhost = %(nothing)s\n", "4: [foo] host"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\ntimeout = P9000Y\n", "4: [foo] timeout"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nchecker = ping \"%%(host)s\"\n", "4: [foo] checker"),
+    (f"key_id = {KEY_A}\nsecret = {SECRET}\nchecker = ssh x '%%(host)s'\n", "4: [foo] checker"),
 ])
 def test_bad_client_values(tmp_path: Path, body: str, where: str) -> None:
     path = write(tmp_path, "[foo]\n" + body)
     with pytest.raises(ConfigError) as caught:
         load_clients(path)
     message = str(caught.value)
-    assert message.startswith(f"{path}: {where}:"), message
+    assert message.startswith(f"{path}:{where}:"), message
     assert "\n" not in message
     assert SECRET[:20] not in message
 
@@ -140,7 +140,7 @@ def test_server_settings_defaults_and_overrides(tmp_path: Path) -> None:
 ])
 def test_bad_server_settings(tmp_path: Path, conf: str, where: str) -> None:
     (tmp_path / "mandos.conf").write_text(conf)
-    with pytest.raises(ConfigError, match=rf"mandos.conf: \{where}"):
+    with pytest.raises(ConfigError, match=rf"mandos.conf:2: \{where}"):
         load_server_settings(tmp_path, {})
 
 
@@ -150,10 +150,10 @@ def run_server(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("conf", "where"), [
-    ("[foo]\nkey_id = {a}\nsecret = !!\n", "[foo] secret"),
-    ("[foo]\nkey_id = {a}\nsecret = {s}\ntimeout = PT\n", "[foo] timeout"),
-    ("[foo]\nkey_id = {a}\nsecret = {s}\ntimeout = P9000Y\n", "[foo] timeout"),
-    ("[foo]\nkey_id = {a}\nsecret = {s}\n[bar]\nkey_id = {a}\nsecret = {s}\n", "[bar] key_id"),
+    ("[foo]\nkey_id = {a}\nsecret = !!\n", "3: [foo] secret"),
+    ("[foo]\nkey_id = {a}\nsecret = {s}\ntimeout = PT\n", "4: [foo] timeout"),
+    ("[foo]\nkey_id = {a}\nsecret = {s}\ntimeout = P9000Y\n", "4: [foo] timeout"),
+    ("[foo]\nkey_id = {a}\nsecret = {s}\n[bar]\nkey_id = {a}\nsecret = {s}\n", "5: [bar] key_id"),
 ])
 def test_start_up_error_is_one_line(tmp_path: Path, conf: str, where: str) -> None:
     (tmp_path / "clients.conf").write_text(conf.format(a=KEY_A, s=SECRET))
@@ -163,7 +163,7 @@ def test_start_up_error_is_one_line(tmp_path: Path, conf: str, where: str) -> No
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("mandos-server: ")
-    assert f"clients.conf: {where}:" in lines[0]
+    assert f"clients.conf:{where}:" in lines[0]
 
 
 def test_needs_port_without_zeroconf(tmp_path: Path) -> None:
