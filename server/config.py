@@ -68,6 +68,7 @@ SERVER_DEFAULTS: Mapping[str, str] = {
     "etcd_cacert": "",
     "etcd_cert": "",
     "etcd_key": "",
+    "metrics": "",
 }
 
 DEFAULT = configparser.DEFAULTSECT
@@ -129,6 +130,8 @@ class ServerSettings:
     etcd_cacert: Path | None = None
     etcd_cert: Path | None = None
     etcd_key: Path | None = None
+    #: Where to serve /metrics and /healthz: "[ADDRESS:]PORT" (server.http_endpoint), or "".
+    metrics: str = ""
 
     @property
     def clients_conf(self) -> Path:
@@ -566,6 +569,7 @@ def load_server_settings(configdir: Path, overrides: Mapping[str, object]) -> Se
         "debuglevel": text("debuglevel"),
         "etcd": text("etcd"),
         "etcd_prefix": text("etcd_prefix"),
+        "metrics": text("metrics"),
     }
     for key in ("etcd_cacert", "etcd_cert", "etcd_key"):
         values[key] = Path(text(key)) if text(key) else None
