@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TLS raw public key (KEYDIR/tls-pubkey.pem)")
     parser.add_argument("--tls-privkey", type=Path,
                         help="TLS private key (KEYDIR/tls-privkey.pem)")
-    parser.add_argument("--priority", help="GnuTLS priority string (default: upstream's)")
+    parser.add_argument("--priority",
+                        help="GnuTLS priority string (default: upstream's, X25519 first)")
     parser.add_argument("--interface", metavar="NAME[,NAME...]",
                         help="network interfaces to give --delay to come up, comma-separated "
                              "('none' ends the list); exactly one name also confines Zeroconf "

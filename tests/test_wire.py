@@ -50,13 +50,30 @@ def test_rejection_message_is_bounded() -> None:
     assert len(str(error.value)) < 100
 
 
-def test_default_priority_is_upstreams() -> None:
-    """Upstream's server default, read from its source (the raw-public-key branch)."""
+def _gnutls_lists(priority: str) -> dict[str, list[str]]:
+    """What ``gnutls-cli --list`` says a priority string enables: {"Groups": [...], ...}."""
+    listing = subprocess.run(["gnutls-cli", "--list", "--priority", priority], check=True,
+                             capture_output=True, text=True, timeout=30).stdout
+    return {name: [item.strip() for item in items.split(",")]
+            for name, _, items in (line.partition(": ") for line in listing.splitlines())
+            if name in {"Protocols", "Ciphers", "MACs", "Groups", "PK-signatures"}}
+
+
+def test_default_priority_is_upstreams_with_x25519_first() -> None:
+    """Upstream's server default, read from its source (the raw-public-key branch), enables
+    the same protocols, ciphers, MACs, groups and signatures as ours, which only puts X25519
+    first (the cheaper key share) and turns off the middlebox compatibility mode."""
     source = Path(upstream.MANDOS).read_text()
     strings = [node.value for node in ast.walk(ast.parse(source))
                if isinstance(node, ast.Constant) and isinstance(node.value, str)]
-    assert wire.DEFAULT_PRIORITY in strings
-    assert "+CTYPE-RAWPK" in wire.DEFAULT_PRIORITY
+    upstreams = [text for text in strings if "+CTYPE-RAWPK" in text]
+    assert len(upstreams) == 1
+    assert wire.DEFAULT_PRIORITY.startswith(upstreams[0] + ":")
+    theirs, ours = _gnutls_lists(upstreams[0]), _gnutls_lists(wire.DEFAULT_PRIORITY)
+    assert {name: sorted(items) for name, items in theirs.items()} == {
+        name: sorted(items) for name, items in ours.items()}
+    assert ours["Groups"][0] == "GROUP-X25519" != theirs["Groups"][0]
+    assert wire.DEFAULT_PRIORITY.endswith(":%DISABLE_TLS13_COMPAT_MODE")
 
 
 def test_key_id_of_a_keygen_key_is_what_keygen_printed() -> None:
