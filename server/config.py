@@ -408,13 +408,22 @@ def load_clients(path: Path) -> dict[str, ClientConfig]:
 
 
 @dataclass(frozen=True)
+class RefusedFile:
+    """A file that a reload could not use: ``message`` (one line) names it and the line, says
+    what is wrong and what stays in force instead."""
+
+    path: Path
+    message: str
+
+
+@dataclass(frozen=True)
 class ClientsConfiguration:
     """The client files in force, in reading order (clients.conf, then clients.d/ by name),
     and the ``problems`` of the reload that made it: one line per refused file, saying what
     is wrong and what stays in force instead."""
 
     files: tuple[ClientFile, ...]
-    problems: tuple[str, ...] = ()
+    problems: tuple[RefusedFile, ...] = ()
 
     @property
     def clients(self) -> dict[str, ClientConfig]:
@@ -422,15 +431,20 @@ class ClientsConfiguration:
         return {name: client for file in self.files for name, client in file.clients.items()}
 
 
+def is_client_file_name(name: str) -> bool:
+    """Whether a file of this name in clients.d is read: ``*.conf`` but not ``.*`` (editors'
+    lock and swap files; their backups and temporary files have other endings)."""
+    return name.endswith(".conf") and not name.startswith(".")
+
+
 def clients_d_files(directory: Path) -> list[Path]:
     """The files of ``directory`` (clients.d) that hold clients, in name order (code point
-    order, as ``LC_ALL=C ls``): regular files, or links to one, named ``*.conf`` but not
-    ``.*`` (editors' lock and swap files).  An absent directory has none."""
+    order, as ``LC_ALL=C ls``): regular files, or links to one, whose names
+    :func:`is_client_file_name` accepts.  An absent directory has none."""
     try:
         with os.scandir(directory) as entries:
             names = sorted(entry.name for entry in entries
-                           if entry.name.endswith(".conf") and not entry.name.startswith(".")
-                           and entry.is_file())
+                           if is_client_file_name(entry.name) and entry.is_file())
     except FileNotFoundError:
         return []
     except OSError as error:
@@ -453,15 +467,15 @@ def load_configuration(configdir: Path, previous: ClientsConfiguration | None = 
     ``clients_conf=False`` keeps clients.conf as it was read last (a change in clients.d
     reloads only clients.d)."""
     kept = {file.path: file for file in previous.files} if previous is not None else {}
-    problems: list[str] = []
+    problems: list[RefusedFile] = []
 
     def refuse(path: Path, error: ConfigError | str,
                instead: ClientFile | None) -> ClientFile | None:
         if previous is None:
             raise error if isinstance(error, ConfigError) else ConfigError(error)
-        problems.append(f"{error}; refused, " + ("keeping its previous contents"
-                                                 if instead is not None else
-                                                 "none of its clients are in force"))
+        problems.append(RefusedFile(path, f"{error}; refused, " + (
+            "keeping its previous contents" if instead is not None
+            else "none of its clients are in force")))
         return instead
 
     conf_path = configdir / "clients.conf"
@@ -481,7 +495,7 @@ def load_configuration(configdir: Path, previous: ClientsConfiguration | None = 
     except ConfigError as error:
         if previous is None:
             raise
-        problems.append(f"{error}; keeping the files in it as they were")
+        problems.append(RefusedFile(directory, f"{error}; keeping its files as they were"))
         paths = [path for path in kept if path.parent == directory]
     for path in paths:
         try:
