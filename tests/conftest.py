@@ -30,31 +30,47 @@ PEER_PROGRAMS = (
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _peers_present() -> None:
-    """Fail (not skip) every test when the test machine is not set up: a skipped suite would
-    look green."""
+@pytest.fixture(scope="session")
+def peers_present() -> Iterator[None]:
+    """Fail (not skip) when the test machine is not set up: a skipped suite would look green.
+    While peer tests run, the argv and environment of every process are read for the secret
+    scan (:mod:`tests.peers.leaks`)."""
     if os.geteuid() != 0:
-        pytest.fail("the tests run as root (network namespaces, mounts, upstream mandos)",
+        pytest.fail("the tests outside the unit tier run as root (network namespaces, mounts,"
+                    " upstream mandos); as a user, run only the unit tier: -m unit",
                     pytrace=False)
     missing = [program for program in PEER_PROGRAMS if shutil.which(program) is None]
     if missing:
         pytest.fail(f"missing peer programs {', '.join(missing)}: run ./dev setup",
                     pytrace=False)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _secret_sampler() -> Iterator[None]:
-    """The argv and environment of every process, read all along the session for the secret
-    scan (:mod:`tests.peers.leaks`)."""
     sampler = ProcessSampler()
     sampler.start()
     yield
     sampler.stop()
 
 
+@pytest.fixture(autouse=True)
+def _peers_unless_unit(request: pytest.FixtureRequest) -> None:
+    """Every test outside the unit tier needs the peers (``peers_present``); a ``unit`` test
+    needs none, so the unit tier runs as any user on a machine without them."""
+    if request.node.get_closest_marker("unit") is None:
+        request.getfixturevalue("peers_present")
+
+
+#: Markers that put a test outside the unit tier (README "Tests").
+NOT_UNIT_MARKERS = ("peers", "interop", "vm", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The secret scan judges what the whole session scanned: its module runs last."""
+    """Marks the unit tier: every test that needs no peer (no fixture that depends on
+    ``peers_present``, no ``peers``, ``interop`` or ``vm`` marker) and is not ``slow``.
+    The secret scan judges what the whole session scanned: its module runs last."""
+    for item in items:
+        needs_peers = "peers_present" in getattr(item, "fixturenames", ())
+        if not needs_peers and not any(item.get_closest_marker(name)
+                                       for name in NOT_UNIT_MARKERS):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: item.path.name == "test_secret_scan.py")
 
 
@@ -71,7 +87,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 @pytest.fixture(scope="session")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> Build:
+def packages(tmp_path_factory: pytest.TempPathFactory, peers_present: None) -> Build:
     """Our Debian packages, built once per session as ``./dev package`` builds them."""
     output = tmp_path_factory.mktemp("dist")
     debs, lintian = build(output)
@@ -104,7 +120,7 @@ class UpstreamClient:
 
 @pytest.fixture(scope="session")
 def upstream_key_factory(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, peers_present: None,
 ) -> Callable[[str], upstream.KeySet]:
     """``make(name)``: a key set made by upstream's keygen, one per name for the session
     (each takes a few seconds: RSA-4096)."""
@@ -150,25 +166,25 @@ def requests(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def private_bus() -> Iterator[PrivateSystemBus]:
+def private_bus(peers_present: None) -> Iterator[PrivateSystemBus]:
     with PrivateSystemBus() as bus:
         yield bus
 
 
 @pytest.fixture
-def veth_pair() -> Iterator[VethPair]:
+def veth_pair(peers_present: None) -> Iterator[VethPair]:
     with VethPair() as pair:
         yield pair
 
 
 @pytest.fixture
-def private_journal() -> Iterator[PrivateJournal]:
+def private_journal(peers_present: None) -> Iterator[PrivateJournal]:
     with PrivateJournal() as journal:
         yield journal
 
 
 @pytest.fixture
-def ask_namespace() -> Iterator[AskNamespace]:
+def ask_namespace(peers_present: None) -> Iterator[AskNamespace]:
     with AskNamespace() as namespace:
         yield namespace
 

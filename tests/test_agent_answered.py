@@ -127,6 +127,7 @@ def test_the_file_holds_no_key_that_verifies_its_hashes(tmp_path: Path) -> None:
     assert verifying == [], f"{path} holds its own key"
 
 
+@pytest.mark.peers
 def test_the_key_is_in_roots_keyring_readable_only_by_its_possessor(tmp_path: Path) -> None:
     path = tmp_path / "answered"
     AnsweredRecord(path).add(ID, PASSWORD)

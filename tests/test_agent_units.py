@@ -290,6 +290,7 @@ def test_send_password_to_a_missing_socket_is_an_agent_error(tmp_path: Path) -> 
 
 # --- systemd units --------------------------------------------------------------------------
 
+@pytest.mark.peers
 def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
     """``systemd-analyze verify`` accepts both units, without a single warning, their
     Documentation= pages (ours) included.  The installed command does not exist here, so
@@ -310,6 +311,7 @@ def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
+@pytest.mark.peers
 def test_units_security(tmp_path: Path) -> None:
     """The booted system's agent runs GnuTLS and gpg over what the network sends: sandboxed
     (security review, finding 9), rated at most 2.5 by ``systemd-analyze security``.
@@ -339,6 +341,7 @@ def _unit_values(text: str, key: str) -> list[str]:
             for word in line.split("=", 1)[1].split()]
 
 
+@pytest.mark.peers
 def test_initramfs_units_verify_and_run_the_agent_resident() -> None:
     """The dracut module's units: ``systemd-analyze verify`` accepts them without a warning;
     the service is resident (``--watch``, ``Type=notify``), enabled for sysinit without

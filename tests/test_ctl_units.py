@@ -50,6 +50,7 @@ def test_self_check() -> None:
     assert (result.returncode, result.stdout) == (0, "self-test: OK\n")
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("args", [
     ["-e"], ["-a"], ["-v", "-e", "foo"], ["-j", "-e", "foo"], ["-j", "-v"],
     ["-V", "foo", "bar"], ["-r", "-e", "foo"], ["-e", "-d", "foo"], ["-A", "-D", "foo"],

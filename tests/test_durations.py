@@ -14,6 +14,8 @@ from mandos_protocol.durations import parse_duration
 from mandos_protocol.errors import ProtocolError
 from tests.peers.upstream import upstream_functions
 
+pytestmark = pytest.mark.interop
+
 timedelta = datetime.timedelta
 
 _UPSTREAM = upstream_functions("string_to_delta", "rfc3339_duration_to_delta")

@@ -44,6 +44,8 @@ from tests.peers.upstream import (
     section_secret,
 )
 
+pytestmark = pytest.mark.peers
+
 KEY_FILES = ("seckey.txt", "pubkey.txt", "tls-privkey.pem", "tls-pubkey.pem")
 PASSWORD = b" the disk password, with spaces \xc3\xa9 "
 NAME = "client.example"

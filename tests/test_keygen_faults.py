@@ -16,6 +16,8 @@ import pytest
 from tests.peers.mounts import fill, tmpfs
 from tests.test_keygen import KEY_FILES, NAME, keygen
 
+pytestmark = pytest.mark.peers
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

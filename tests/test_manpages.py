@@ -125,6 +125,7 @@ def test_title_and_name_line_name_the_command(command: str) -> None:
     assert name_line.startswith(f"{command} \\- ")
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("command", COMMANDS)
 def test_page_renders_without_warnings(command: str) -> None:
     groff = shutil.which("groff")

@@ -20,6 +20,8 @@ from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import PrivateJournal
 from tests.peers.netns import VethPair
 
+pytestmark = pytest.mark.peers
+
 
 def _dgram(path: Path | str, data: bytes) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:

@@ -204,6 +204,7 @@ def test_a_missing_state_file_is_no_damage(tmp_path: Path) -> None:
     assert statefile.restore({"foo": config()}, {}, utcnow())["foo"].state.enabled
 
 
+@pytest.mark.peers  # chattr +i needs root
 def test_a_damaged_state_file_that_cannot_be_moved_aside_stops_the_start(
         tmp_path: Path) -> None:
     (tmp_path / "clients.json").write_text("{not json")

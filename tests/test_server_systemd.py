@@ -155,6 +155,7 @@ def _units_for_test(directory: Path) -> tuple[Path, Path]:
     return socket_unit, service_unit
 
 
+@pytest.mark.peers
 def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
     """The units verify, their Documentation= pages (ours) included."""
     socket_unit, service_unit = _units_for_test(tmp_path)
@@ -164,6 +165,7 @@ def test_units_verify(tmp_path: Path, manpath: dict[str, str]) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
+@pytest.mark.peers
 def test_units_security(tmp_path: Path) -> None:
     _, service_unit = _units_for_test(tmp_path)
     result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=20",
@@ -174,6 +176,7 @@ def test_units_security(tmp_path: Path) -> None:
     assert exposure <= 2.0, result.stdout
 
 
+@pytest.mark.peers
 def test_catalog_is_valid(tmp_path: Path) -> None:
     """Every MESSAGE_ID the server uses is in the catalog, which journalctl accepts."""
     catalog_dir = tmp_path / "usr/lib/systemd/catalog"

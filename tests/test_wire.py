@@ -59,6 +59,7 @@ def _gnutls_lists(priority: str) -> dict[str, list[str]]:
             if name in {"Protocols", "Ciphers", "MACs", "Groups", "PK-signatures"}}
 
 
+@pytest.mark.interop
 def test_default_priority_is_upstreams_with_x25519_first() -> None:
     """Upstream's server default, read from its source (the raw-public-key branch), enables
     the same protocols, ciphers, MACs, groups and signatures as ours, which only puts X25519
@@ -82,6 +83,7 @@ def test_key_id_of_a_keygen_key_is_what_keygen_printed() -> None:
     assert wire.key_ids_equal(wire.key_id(der), KEYGEN_KEY_ID)
 
 
+@pytest.mark.interop
 def test_key_id_matches_certtool(tmp_private: Path) -> None:
     """The same tool upstream's keygen uses, on a fresh Ed25519 key."""
     private, public = tmp_private / "key.pem", tmp_private / "pub.pem"

@@ -19,6 +19,7 @@ import base64
 import collections
 import configparser
 import datetime
+import functools
 import hashlib
 import os
 import pwd
@@ -388,13 +389,27 @@ def upstream_functions(*names: str) -> dict[str, Callable[..., Any]]:
 
     Importing the whole server needs D-Bus, GLib and Avahi bindings; these few functions need
     only the standard library, so their source is taken from the file and run on its own.
+    The file is read at the first call, not here: collecting a test module that compares with
+    upstream (as ``-m unit`` does before it deselects) needs no upstream installed.
     """
-    tree = ast.parse(Path(MANDOS).read_text())
-    wanted: list[ast.stmt] = [node for node in tree.body
-                              if isinstance(node, ast.FunctionDef) and node.name in names]
-    missing = set(names) - {node.name for node in wanted if isinstance(node, ast.FunctionDef)}
-    if missing:
-        raise LookupError(f"{MANDOS} defines no {sorted(missing)}")
-    namespace: dict[str, Any] = {"collections": collections, "datetime": datetime, "re": re}
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), MANDOS, "exec"), namespace)
-    return {name: namespace[name] for name in names}
+    @functools.cache
+    def load() -> dict[str, Callable[..., Any]]:
+        tree = ast.parse(Path(MANDOS).read_text())
+        wanted: list[ast.stmt] = [node for node in tree.body
+                                  if isinstance(node, ast.FunctionDef) and node.name in names]
+        missing = set(names) - {node.name for node in wanted
+                                if isinstance(node, ast.FunctionDef)}
+        if missing:
+            raise LookupError(f"{MANDOS} defines no {sorted(missing)}")
+        namespace: dict[str, Any] = {"collections": collections, "datetime": datetime,
+                                     "re": re}
+        exec(compile(ast.Module(body=wanted, type_ignores=[]), MANDOS, "exec"), namespace)
+        return {name: namespace[name] for name in names}
+
+    def deferred(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return load()[name](*args, **kwargs)
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    return {name: deferred(name) for name in names}
