@@ -14,7 +14,8 @@ This follows upstream Mandos 1.8 (reference/mandos-protocol.md §6):
 Timers run on the event loop's monotonic clock; the wall-clock datetimes (UTC) are only for
 state and reporting.  :class:`Client` methods ``enable()``, ``disable()``, ``approve()``,
 ``checked_ok()``, ``start_checker()`` and ``stop_checker()`` are the internal API that the
-admin plane (D-Bus) calls.
+admin plane (D-Bus) calls.  Every decision and change is published as a typed event
+(:mod:`server.events`); the journal, D-Bus and the state file learn of it that way.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from server import checker
+from server import checker, events
 from server.config import ClientConfig
-from server.journal import ERR, Event, Journal
+from server.events import By
 
 #: How long a checker runs at least before its next turn may stop it as hanging.
 CHECKER_MIN_SECONDS = 1.0
@@ -57,17 +58,14 @@ class Client:
     """One configured client at run time.
 
     ``settings`` are the values in force (from clients.conf, possibly changed at run time);
-    ``state`` is what the state file saves.  ``on_change`` is called after every change that
-    must survive a restart.
+    ``state`` is what the state file saves.  Every change is published on ``events``.
     """
 
-    def __init__(self, settings: ClientConfig, state: ClientState, journal: Journal, *,
-                 on_change: Callable[[], None] = lambda: None,
-                 show_checker_output: bool = False) -> None:
+    def __init__(self, settings: ClientConfig, state: ClientState,
+                 publisher: events.Publisher, *, show_checker_output: bool = False) -> None:
         self.settings = settings
         self.state = state
-        self.journal = journal
-        self.on_change = on_change
+        self.events = publisher
         self.show_checker_output = show_checker_output
         self.approved: bool | None = None
         self.approvals_pending = 0
@@ -101,10 +99,13 @@ class Client:
     def approval_pending(self) -> bool:
         return self.approvals_pending > 0
 
-    def _log(self, event: Event, message: str, *, priority: int | None = None,
-             **fields: str) -> None:
-        self.journal.event(event, message, client=self.name, priority=priority,
-                           key_id=self.settings.key_id or self.settings.fingerprint, **fields)
+    @property
+    def key_id(self) -> str:
+        """The key id, or for a legacy section without one, its ``fingerprint``."""
+        return self.settings.key_id or self.settings.fingerprint
+
+    def _publish(self, kind: type[events.ClientEvent], **fields: Any) -> None:
+        self.events.publish(kind(client=self.name, key_id=self.key_id, **fields))
 
     def _notify_waiters(self) -> None:
         """Wake every request waiting for approval to look at the client again."""
@@ -157,13 +158,12 @@ class Client:
         self._cancel(self._disable_timer)
         self.state.expires = when
         self._disable_timer = self._later(when - utcnow(), self._expire)
-        self.on_change()
+        self._publish(events.ExpiryChanged, expires=when)
 
     def _expire(self) -> None:
         self._disable_timer = None
-        self.disable(event=Event.CLIENT_EXPIRED,
-                     message=f"Client {self.name} expired: no successful checker within its "
-                             "timeout; it stays disabled until an administrator enables it")
+        self.disable(By.EXPIRY, f"Client {self.name} expired: no successful checker within "
+                     "its timeout; it stays disabled until an administrator enables it")
 
     def bump_timeout(self, timeout: datetime.timedelta | None = None) -> None:
         """Keep an enabled client enabled for ``timeout`` (default: its ``timeout``) from now."""
@@ -173,44 +173,46 @@ class Client:
 
     # -- the admin API ----------------------------------------------------------------------
 
-    def enable(self) -> None:
+    def enable(self, by: By = By.ADMIN) -> None:
         """Enable the client and start its checkers (no random start delay)."""
         if self.state.enabled:
             return
         self.state.enabled = True
         self.state.last_enabled = utcnow()
-        self._log(Event.CLIENT_ENABLED, f"Client {self.name} enabled")
+        self._publish(events.ClientEnabled, by=by)
         self.init_checker()
         self._notify_waiters()
-        self.on_change()
 
-    def disable(self, *, event: Event = Event.CLIENT_DISABLED, message: str | None = None,
-                quiet: bool = False) -> None:
-        """Disable the client: no more secrets, checkers or expiry until it is enabled."""
+    def disable(self, by: By = By.ADMIN, reason: str = "") -> None:
+        """Disable the client: no more secrets, checkers or expiry until it is enabled.
+        ``reason`` is a sentence for the journal (default: "Client NAME disabled")."""
         if not self.state.enabled:
             return
+        self._stop_timers()
+        self.state.enabled = False
+        self.state.expires = None
+        self._publish(events.ClientDisabled, by=by,
+                      reason=reason or f"Client {self.name} disabled")
+        self._notify_waiters()
+
+    def _stop_timers(self) -> None:
         self._cancel(self._disable_timer)
         self._cancel(self._checker_timer)
         self._disable_timer = self._checker_timer = None
         self.stop_checker()
-        self.state.enabled = False
-        self.state.expires = None
-        if not quiet:
-            self._log(event, message or f"Client {self.name} disabled")
-        self._notify_waiters()
-        self.on_change()
 
     def checked_ok(self) -> None:
         """Record that the client is alive and well (a checker succeeded, or an admin says
         so)."""
         self.state.last_checked_ok = utcnow()
         self.state.last_checker_status = 0
+        self._publish(events.CheckedOK, at=self.state.last_checked_ok)
         self.bump_timeout()
-        self.on_change()
 
     def approve(self, value: bool = True) -> None:
         """Approve (or deny) requests waiting now and arriving within ``approval_duration``."""
         self.approved = value
+        self._publish(events.Approved, approved=value, duration=self.settings.approval_duration)
         self._notify_waiters()
         self._cancel(self._approval_reset)
         self._approval_reset = self._later(self.settings.approval_duration, self._reset_approval)
@@ -225,6 +227,7 @@ class Client:
         client at once if that has passed); a new ``interval`` reschedules the checkers and
         starts one now."""
         old, self.settings = self.settings, dataclasses.replace(self.settings, **changes)
+        self._publish(events.SettingsChanged, names=tuple(changes))
         if self.state.enabled and "timeout" in changes and self.state.expires is not None:
             expires = self.state.expires + (self.settings.timeout - old.timeout)
             if expires <= utcnow():
@@ -235,7 +238,6 @@ class Client:
             self._cancel(self._checker_timer)
             self._checker_timer = self._later(self.settings.interval, self._periodic_checker)
             self.start_checker()
-        self.on_change()
 
     def start_checker(self) -> None:
         """Start a checker unless one is running (on schedule, :meth:`_periodic_checker` has
@@ -249,32 +251,21 @@ class Client:
         try:
             command = checker.expand(self.settings.checker, attributes)
         except checker.ExpansionError as error:
-            self._log(Event.CHECKER_FAILED, f"Checker for {self.name} not started: {error}",
-                      priority=ERR)
+            self._publish(events.CheckerNotStarted, error=str(error))
             return
-        self._log(Event.CHECKER_STARTED, f"Starting checker {command!r} for {self.name}",
-                  command=command)
+        self._publish(events.CheckerStarted, command=command)
         loop = asyncio.get_running_loop()
         self._checker_command, self._checker_started = command, loop.time()
         self._checker_task = loop.create_task(self._run_checker(command))
 
     async def _run_checker(self, command: str) -> None:
         result = await checker.run(command, show_output=self.show_checker_output)
+        if not result.succeeded:
+            self.state.last_checker_status = result.status
+        self._publish(events.CheckerFinished, command=command, status=result.status,
+                      signal=result.signal)
         if result.succeeded:
-            self._log(Event.CHECKER_SUCCEEDED, f"Checker for {self.name} succeeded",
-                      command=command, status="0")
             self.checked_ok()
-            return
-        self.state.last_checker_status = result.status
-        if result.signal is not None:
-            self._log(Event.CHECKER_FAILED,
-                      f"Checker for {self.name} was killed by signal {result.signal}",
-                      command=command, status="-1", signal=str(result.signal))
-        else:
-            self._log(Event.CHECKER_FAILED,
-                      f"Checker for {self.name} failed with status {result.status}",
-                      command=command, status=str(result.status))
-        self.on_change()
 
     def stop_checker(self) -> None:
         """Stop a running checker, if any (a hanging one at its next turn or when the client
@@ -283,9 +274,8 @@ class Client:
         if self._checker_task is not None:
             if not self._checker_task.done():
                 elapsed = asyncio.get_running_loop().time() - self._checker_started
-                self._log(Event.CHECKER_FAILED,
-                          f"Stopped checker {self._checker_command!r} for {self.name}: still "
-                          f"running after {elapsed:.1f} s", command=self._checker_command)
+                self._publish(events.CheckerStopped, command=self._checker_command,
+                              elapsed=elapsed)
             self._checker_task.cancel()
             self._checker_task = None
 
@@ -302,21 +292,18 @@ class Client:
         try:
             while True:
                 if not self.state.enabled:
-                    self._log(Event.REFUSED_DISABLED, f"Client {self.name} is disabled",
-                              peer=peer)
+                    self._refuse(peer, events.Refusal.DISABLED)
                     return None
                 if self.approved or not approval_required:
                     return self.settings.secret
                 if self.approved is None:
                     self.state.last_approval_request = utcnow()
-                    self.on_change()
-                    default = "approve" if self.settings.approved_by_default else "deny"
-                    self._log(Event.NEEDS_APPROVAL,
-                              f"Client {self.name} needs approval within {delay:g} s "
-                              f"(default: {default})", peer=peer)
+                    self._publish(events.NeedsApproval, peer=peer,
+                                  approval_delay=self.settings.approval_delay,
+                                  remaining=datetime.timedelta(seconds=delay),
+                                  approved_by_default=self.settings.approved_by_default)
                 else:
-                    self._log(Event.REFUSED_DENIED, f"Client {self.name} was not approved",
-                              peer=peer)
+                    self._refuse(peer, events.Refusal.DENIED)
                     return None
                 started = loop.time()
                 try:
@@ -327,9 +314,7 @@ class Client:
                 elapsed = loop.time() - started
                 if elapsed >= delay:
                     if not self.settings.approved_by_default:
-                        self._log(Event.APPROVAL_TIMED_OUT,
-                                  f"Client {self.name} timed out while waiting for approval",
-                                  peer=peer)
+                        self._refuse(peer, events.Refusal.APPROVAL_TIMED_OUT)
                         return None
                     return self.settings.secret
                 delay -= elapsed
@@ -337,12 +322,15 @@ class Client:
             if approval_required:
                 self.approvals_pending -= 1
 
+    def _refuse(self, peer: str, reason: events.Refusal) -> None:
+        self.events.publish(events.RequestRefused(peer=peer, key_id=self.key_id,
+                                                  client=self.name, reason=reason))
+
     def secret_sent(self, peer: str) -> None:
-        """The secret went out: log it and keep the client enabled through the boot."""
+        """The secret went out: say so and keep the client enabled through the boot."""
         self.state.last_secret_sent = utcnow()
-        self._log(Event.SECRET_SENT, f"Sent secret to client {self.name}", peer=peer)
+        self._publish(events.SecretSent, peer=peer, at=self.state.last_secret_sent)
         self.bump_timeout(self.settings.extended_timeout)
-        self.on_change()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -358,24 +346,31 @@ class Client:
                    if getattr(new, f.name) != getattr(old, f.name) and f.name != "enabled"}
         if changes:
             self.settings = dataclasses.replace(self.settings, **changes)
+            self._publish(events.SettingsChanged, names=tuple(changes))
         if new.enabled != old.enabled:
             if new.enabled:
-                self.enable()
+                self.enable(By.CONFIG)
             else:
-                self.disable()
+                self.disable(By.CONFIG)
         elif "interval" in changes and self.state.enabled:
             self._cancel(self._checker_timer)
             self._checker_timer = self._later(new.interval, self._periodic_checker)
-        self.on_change()
 
     def close(self) -> None:
         """Stop every timer and checker, and refuse waiting requests (server stop, or the
         client was removed from the configuration).  The state is left as it is."""
-        for handle in (self._checker_timer, self._disable_timer, self._approval_reset):
-            self._cancel(handle)
-        self._checker_timer = self._disable_timer = self._approval_reset = None
-        self.stop_checker()
+        self._stop_timers()
+        self._cancel(self._approval_reset)
+        self._approval_reset = None
         self._notify_waiters()
+
+    def remove(self, by: By) -> None:
+        """The client is gone from the table: disable it (without a journal entry: it is no
+        longer configured), stop everything, refuse waiting requests, and say so."""
+        if self.state.enabled:
+            self.state.enabled, self.state.expires = False, None
+        self.close()
+        self._publish(events.ClientRemoved, by=by)
 
 
 class ClientTable:

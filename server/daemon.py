@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Priority
 from mandos_protocol.notify import Notifier
-from server import systemd
+from server import events, systemd
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
-from server.journal import ERR, NOTICE, WARNING, Event, Journal
+from server.events import By
+from server.journal import ERR, NOTICE, WARNING, Event, Journal, journalled_publisher
 from server.listener import Listener, adopt_socket, bind_socket
 from server.statefile import StateFile
 
@@ -48,6 +49,9 @@ class Daemon:
     def __init__(self, settings: ServerSettings, journal: Journal) -> None:
         self.settings = settings
         self.journal = journal
+        #: Every decision and state change (:mod:`server.events`): subscribe here.
+        self.events = journalled_publisher(journal)
+        self.events.subscribe(self._state_changed)
         self.notifier = Notifier()
         self.statefile = StateFile(settings.statedir, self._state_warning)
         self.clients = ClientTable()
@@ -65,6 +69,10 @@ class Daemon:
     def _state_warning(self, message: str) -> None:
         self.journal.event(Event.STATE_PROBLEM, message)
 
+    def _state_changed(self, event: events.ServerEvent) -> None:
+        if event.saves_state:
+            self.schedule_save()
+
     # -- start-up ---------------------------------------------------------------------------
 
     def _sockets(self) -> list[socket.socket]:
@@ -80,8 +88,7 @@ class Daemon:
                             use_ipv6=self.settings.use_ipv6, interface=self.settings.interface)]
 
     def _make_client(self, settings: ClientConfig, state: ClientState) -> Client:
-        return Client(settings, state, self.journal, on_change=self.schedule_save,
-                      show_checker_output=self.settings.debug)
+        return Client(settings, state, self.events, show_checker_output=self.settings.debug)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop."""
@@ -100,16 +107,16 @@ class Daemon:
         if self.settings.use_dbus:
             from server.dbus_api import AdminService  # lazy: dbus-fast only with D-Bus on
 
-            # It observes the journal, which sees every event; without a bus, run without it.
-            self.dbus = await AdminService.connect(self.clients, self.journal)
+            # It subscribes to the events; without a bus, the server runs without it.
+            self.dbus = await AdminService.connect(self.clients, self.journal, self.events)
         saved = self.statefile.load() if self.settings.restore else {}
         for _name, restored in self.statefile.restore(self.configs, saved, utcnow()).items():
             self.clients.add(self._make_client(restored.settings, restored.state))
         if self.statefile.damage is not None:
             self.journal.event(Event.STATE_PROBLEM, self.statefile.damage, priority=ERR)
-        self._log_config_loaded("Loaded")
+        self._config_loaded(reloaded=False)
         sockets = self._sockets()
-        self.listener = Listener(sockets, lambda: self.clients, self.journal, priority)
+        self.listener = Listener(sockets, self.clients, self.journal, self.events, priority)
         for client in self.clients:
             client.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -120,8 +127,8 @@ class Daemon:
             if self.settings.zeroconf:
                 await self._announce(self.listener.port)
             self._save_now()
-            addresses = ", ".join(_describe(sock) for sock in sockets)
-            self.journal.event(Event.SERVER_STARTED, f"Mandos server listening on {addresses}")
+            self.events.publish(events.ServerStarted(
+                addresses=tuple(_describe(sock) for sock in sockets)))
             self.notifier.ready(self.status_line())
             self._arm_watchdog()
             await self._stop.wait()
@@ -151,7 +158,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.journal.event(Event.SERVER_STOPPING, "Mandos server stopping")
+        self.events.publish(events.ServerStopping())
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.listener is not None:
@@ -221,12 +228,8 @@ class Daemon:
         reason = (error.strerror if isinstance(error, OSError) else None) or str(error) \
             or type(error).__name__
         if reason != self._save_failure:
-            self.journal.event(
-                Event.STATE_PROBLEM,
-                f"Cannot save the state in {self.statefile.path}: {reason}; the file keeps the "
-                "state last saved, and a restart before a write succeeds loses the changes "
-                f"since; serving on, trying again every {SAVE_RETRY:g} s",
-                priority=ERR)
+            self.events.publish(events.StateWriteFailed(path=str(self.statefile.path),
+                                                        reason=reason, retry=SAVE_RETRY))
             self._save_failure = reason
             self._update_status()
         if not self._stop.is_set():
@@ -235,9 +238,7 @@ class Daemon:
     def _saved(self) -> None:
         if self._save_failure is not None:
             self._save_failure = None
-            self.journal.event(Event.STATE_PROBLEM,
-                               f"Saved the state in {self.statefile.path} again",
-                               priority=NOTICE)
+            self.events.publish(events.StateWriteRecovered(path=str(self.statefile.path)))
             self._update_status()
 
     def status_line(self) -> str:
@@ -278,16 +279,15 @@ class Daemon:
                                       "every client, leave it empty)")
                 configs = load_clients(self.settings.clients_conf)
             except ConfigError as error:
-                self.journal.event(Event.CONFIG_RELOAD_FAILED,
-                                   f"Reload failed, keeping the old configuration: {error}")
+                self.events.publish(events.ConfigReloadFailed(
+                    path=str(self.settings.clients_conf), error=str(error)))
                 return
             now = utcnow()
             for name in list(self.configs):
                 if name not in configs:
                     client = self.clients.remove(name)
                     if client is not None:
-                        client.disable(quiet=True)
-                        client.close()
+                        client.remove(By.CONFIG)
             for name, config in configs.items():
                 client = self.clients.get(name)
                 if client is None:
@@ -299,16 +299,13 @@ class Daemon:
                     client.apply_settings(config, self.configs[name])
             self.configs = configs
             self.clients.reindex()
-            self._log_config_loaded("Reloaded")
-            self.schedule_save()
+            self._config_loaded(reloaded=True)
         finally:
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
-    def _log_config_loaded(self, verb: str) -> None:
-        names = ", ".join(self.configs) or "none"
-        self.journal.event(Event.CONFIG_LOADED,
-                           f"{verb} {self.settings.clients_conf}: {len(self.configs)} clients "
-                           f"({names})")
+    def _config_loaded(self, *, reloaded: bool) -> None:
+        self.events.publish(events.ConfigLoaded(path=str(self.settings.clients_conf),
+                                                clients=tuple(self.configs), reloaded=reloaded))
         if not self.configs:
             self.journal.event(Event.CONFIG_LOADED, "No clients defined", priority=WARNING)
 

@@ -13,8 +13,8 @@
   milliseconds, dates as RFC 3339 strings in UTC without a zone (upstream's
   ``datetime.isoformat()`` of a naive UTC time) or "" when unset.
 
-How the service learns what happens: every decision and state change of the server is a journal
-event (:mod:`server.journal`), and the service observes the journal: it turns each event
+How the service learns what happens: every decision and state change of the server is a typed
+event (:mod:`server.events`), and the service subscribes to them: it turns each event
 into upstream's signals (``GotSecret``, ``Rejected``, ``NeedApproval``, ``CheckerStarted``,
 ``CheckerCompleted``, ``ClientNotFound``) and, at the end of that turn of the event loop,
 compares the touched clients' properties with what it last announced, emitting the deprecated
@@ -56,8 +56,10 @@ from dbus_fast.validators import is_object_path_valid
 
 from mandos_protocol.durations import check_duration
 from mandos_protocol.errors import ProtocolError
+from server import events
 from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable
+from server.events import By, Refusal
 from server.journal import WARNING, Event, Journal
 
 BUS_NAME = "se.recompile.Mandos"
@@ -77,13 +79,12 @@ SIGNATURES: Mapping[str, str] = {
     "Timeout": "t",
 }
 
-#: What a client's events become: journal event -> the ``Rejected`` reason.
-_REJECTIONS: Mapping[Event, str] = {
-    Event.REFUSED_DISABLED: "Disabled",
-    Event.REFUSED_DENIED: "Denied",
-    Event.APPROVAL_TIMED_OUT: "Approval timed out",
+#: A refusal of a known client -> upstream's ``Rejected`` reason.
+_REJECTIONS: Mapping[Refusal, str] = {
+    Refusal.DISABLED: "Disabled",
+    Refusal.DENIED: "Denied",
+    Refusal.APPROVAL_TIMED_OUT: "Approval timed out",
 }
-
 
 
 def object_path(name: str) -> str:
@@ -423,11 +424,12 @@ class AdminService:
     """The connection to the system bus, the exported objects, and the translation of the
     server's events into signals."""
 
-    def __init__(self, bus: AdminBus, clients: ClientTable, journal: Journal) -> None:
+    def __init__(self, bus: AdminBus, clients: ClientTable, journal: Journal,
+                 publisher: events.Publisher) -> None:
         self.bus = bus
         self.clients = clients
         self.journal = journal
-        self._stop_observing = journal.observe(self.on_event)
+        self._unsubscribe = publisher.subscribe(self.on_event)
         self.root = ServerObject(self)
         self.objects: dict[str, ClientObject] = {}
         self._dirty: set[str] = set()
@@ -437,7 +439,8 @@ class AdminService:
         bus.export("/", self.root)
 
     @classmethod
-    async def connect(cls, clients: ClientTable, journal: Journal) -> "AdminService | None":
+    async def connect(cls, clients: ClientTable, journal: Journal,
+                      publisher: events.Publisher) -> "AdminService | None":
         """Connect to the system bus (``DBUS_SYSTEM_BUS_ADDRESS`` if set) and take the name;
         None, after a warning in the journal, when that is not possible."""
         bus = AdminBus(bus_type=BusType.SYSTEM)
@@ -456,7 +459,7 @@ class AdminService:
             journal.event(Event.SERVER_ERROR, f"No D-Bus admin interface: the name {BUS_NAME} "
                           "is taken (is another Mandos server running?)", priority=WARNING)
             return None
-        return cls(bus, clients, journal)
+        return cls(bus, clients, journal, publisher)
 
     async def _watch_bus(self) -> None:
         """Say once, as a warning, that the bus went away (the server serves on)."""
@@ -473,40 +476,39 @@ class AdminService:
 
     # -- events -----------------------------------------------------------------------------
 
-    def on_event(self, event: Event, client: str | None, key_id: str | None,
-                 peer: str | None, extra: Mapping[str, str]) -> None:
-        """One journal event: the signal it stands for, and a property check soon after."""
+    def on_event(self, event: events.ServerEvent) -> None:
+        """One server event: the signal it stands for, and a property check soon after."""
         if not self.bus.connected:
             return
-        if event is Event.CLIENT_NOT_FOUND:
-            self.root.ClientNotFound(key_id or "", peer or "")
-            return
-        if event is Event.CONFIG_LOADED:
-            self.sync_objects()
-            self._changed(*self.objects)
-            return
-        if client is None or (obj := self.objects.get(client)) is None:
-            return
-        settings = obj.client.settings
-        if event is Event.SECRET_SENT:
-            obj.GotSecret()
-        elif event in _REJECTIONS:
-            obj.Rejected(_REJECTIONS[event])
-        elif event is Event.NEEDS_APPROVAL:
-            obj.NeedApproval(milliseconds(settings.approval_delay),
-                             settings.approved_by_default)
-        elif event is Event.CHECKER_STARTED:
-            obj.CheckerStarted(extra.get("command", ""))
-        elif event is Event.CHECKER_SUCCEEDED:
-            obj.CheckerCompleted(0, 0, extra.get("command", ""))
-        elif event is Event.CHECKER_FAILED and "status" in extra:
-            command = extra.get("command", "")
-            if "signal" in extra:  # upstream's wait status for a killed checker
-                obj.CheckerCompleted(-1, (-1 << 8) | int(extra["signal"]), command)
-            else:
-                status = int(extra["status"])
-                obj.CheckerCompleted(status, status << 8, command)
-        self._changed(client)
+        match event:
+            case events.RequestRefused(reason=Refusal.UNKNOWN_KEY):
+                self.root.ClientNotFound(event.key_id, event.peer)
+            case events.RequestRefused(client=str(name)):
+                if (obj := self.objects.get(name)) is not None:
+                    obj.Rejected(_REJECTIONS[event.reason])
+                    self._changed(name)
+            case events.ConfigLoaded():
+                self.sync_objects()
+                self._changed(*self.objects)
+            case events.ClientEvent():
+                if (obj := self.objects.get(event.client)) is not None:
+                    self._signal(obj, event)
+                    self._changed(event.client)
+
+    @staticmethod
+    def _signal(obj: ClientObject, event: events.ClientEvent) -> None:
+        """The signal of a client's event, if it has one."""
+        match event:
+            case events.SecretSent():
+                obj.GotSecret()
+            case events.NeedsApproval():
+                obj.NeedApproval(milliseconds(event.approval_delay), event.approved_by_default)
+            case events.CheckerStarted():
+                obj.CheckerStarted(event.command)
+            case events.CheckerFinished(signal=int(signum)):  # upstream's wait status
+                obj.CheckerCompleted(-1, (-1 << 8) | signum, event.command)
+            case events.CheckerFinished():
+                obj.CheckerCompleted(event.status, event.status << 8, event.command)
 
     def _changed(self, *names: str) -> None:
         """Compare these clients' properties with the announced ones at the end of this turn
@@ -584,14 +586,13 @@ class AdminService:
         client = self.clients.remove(name)
         self._unexport(name)
         if client is not None:
-            client.disable(quiet=True)
-            client.close()
+            client.remove(By.ADMIN)
 
     def close(self) -> None:
         """Withdraw every object (as upstream does at exit) and leave the bus."""
         self._closing = True
         self._watch.cancel()
-        self._stop_observing()
+        self._unsubscribe()
         if self.bus.connected:
             for name in list(self.objects):
                 self._unexport(name)

@@ -18,9 +18,12 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from server import events
 
 DEFAULT_SOCKET = Path("/run/systemd/journal/socket")
 
@@ -82,15 +85,11 @@ def encode_entry(fields: Mapping[str, str]) -> bytes:
     return b"".join(parts)
 
 
-#: Sees every event, whatever ``--debuglevel`` lets through: (event, client, key id, peer,
-#: extra fields).  The D-Bus service is one, turning events into upstream's signals.
-Observer = Callable[[Event, str | None, str | None, str | None, Mapping[str, str]], None]
-
-
 class Journal:
     """Writes events; ``max_priority`` drops less important ones (``--debuglevel``); ``echo``
-    also prints every written entry on stderr (``--debug``).  Observers (:meth:`observe`) see
-    every event."""
+    also prints every written entry on stderr (``--debug``).  :meth:`record` writes the entry
+    of a typed server event (:mod:`server.events`); :func:`journalled_publisher` subscribes
+    it."""
 
     def __init__(self, socket_path: Path = DEFAULT_SOCKET, *, max_priority: int = INFO,
                  echo: bool = False, identifier: str = "mandos",
@@ -101,7 +100,6 @@ class Journal:
         self.identifier = identifier
         self._stream = stream
         self._socket: socket.socket | None = None
-        self._observers: list[Observer] = []
         if socket_path.exists():
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
@@ -110,17 +108,13 @@ class Journal:
               priority: int | None = None, **extra: str) -> None:
         """Write one entry for ``event``; ``extra`` become ``MANDOS_<NAME>`` fields."""
         self._write(event, message, client, key_id, peer, priority, extra)
-        for observer in self._observers:
-            try:
-                observer(event, client, key_id, peer, extra)
-            except Exception as error:  # an observer's trouble must never break a request
-                self._write(Event.SERVER_ERROR, f"cannot pass on {event.label}: "
-                            f"{error or type(error).__name__}", client, None, None, WARNING, {})
 
-    def observe(self, observer: Observer) -> Callable[[], None]:
-        """Hand every event to ``observer`` from now on; returns the function that stops it."""
-        self._observers.append(observer)
-        return lambda: self._observers.remove(observer)
+    def record(self, happened: events.ServerEvent) -> None:
+        """Write the entry of a server event (a subscriber of :class:`events.Publisher`)."""
+        entry = _entry(happened)
+        if entry is not None:
+            self.event(entry.kind, entry.message, client=entry.client, key_id=entry.key_id,
+                       peer=entry.peer, priority=entry.priority, **entry.fields)
 
     def _write(self, event: Event, message: str, client: str | None, key_id: str | None,
                peer: str | None, priority: int | None, extra: Mapping[str, str]) -> None:
@@ -177,3 +171,117 @@ class Journal:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def journalled_publisher(journal: Journal) -> events.Publisher:
+    """The server's publisher: the journal is its first subscriber, and a subscriber that
+    raises is reported there."""
+
+    def report(happened: events.ServerEvent, error: Exception) -> None:
+        journal.event(Event.SERVER_ERROR, f"cannot pass on {type(happened).__name__}: "
+                      f"{error or type(error).__name__}",
+                      client=getattr(happened, "client", None), priority=WARNING)
+
+    publisher = events.Publisher(report)
+    publisher.subscribe(journal.record)
+    return publisher
+
+
+@dataclass(frozen=True)
+class _Entry:
+    kind: Event
+    message: str
+    client: str | None = None
+    key_id: str | None = None
+    peer: str | None = None
+    priority: int | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+
+_REFUSALS: Mapping[events.Refusal, tuple[Event, str]] = {
+    events.Refusal.DISABLED: (Event.REFUSED_DISABLED, "Client {} is disabled"),
+    events.Refusal.DENIED: (Event.REFUSED_DENIED, "Client {} was not approved"),
+    events.Refusal.APPROVAL_TIMED_OUT: (Event.APPROVAL_TIMED_OUT,
+                                        "Client {} timed out while waiting for approval"),
+}
+
+
+def _entry(happened: events.ServerEvent) -> _Entry | None:
+    """The journal entry of an event (None: an event the journal does not show)."""
+    client = key_id = None
+    if isinstance(happened, events.ClientEvent):
+        client, key_id = happened.client, happened.key_id
+    match happened:
+        case events.SecretSent():
+            return _Entry(Event.SECRET_SENT, f"Sent secret to client {client}", client, key_id,
+                          happened.peer)
+        case events.RequestRefused(reason=events.Refusal.UNKNOWN_KEY):
+            return _Entry(Event.CLIENT_NOT_FOUND, f"Client not found for key ID "
+                          f"{happened.key_id}", key_id=happened.key_id, peer=happened.peer)
+        case events.RequestRefused():
+            kind, text = _REFUSALS[happened.reason]
+            return _Entry(kind, text.format(happened.client), happened.client, happened.key_id,
+                          happened.peer)
+        case events.NeedsApproval():
+            default = "approve" if happened.approved_by_default else "deny"
+            return _Entry(Event.NEEDS_APPROVAL, f"Client {client} needs approval within "
+                          f"{happened.remaining.total_seconds():g} s (default: {default})",
+                          client, key_id, happened.peer)
+        case events.ConnectionFailed(stage=events.Stage.EVICTED):
+            return _Entry(Event.CONNECTION_FAILED, f"Connection from {happened.peer} evicted "
+                          f"before TLS: {happened.error}", peer=happened.peer, priority=DEBUG)
+        case events.ConnectionFailed():
+            early = happened.stage is not events.Stage.SENDING  # anyone can: no key proven
+            return _Entry(Event.CONNECTION_FAILED, f"Connection from {happened.peer} failed "
+                          f"{happened.stage.value}: {happened.error}", key_id=happened.key_id,
+                          peer=happened.peer, priority=DEBUG if early else None)
+        case events.ClientEnabled():
+            return _Entry(Event.CLIENT_ENABLED, f"Client {client} enabled", client, key_id)
+        case events.ClientDisabled():
+            kind = Event.CLIENT_EXPIRED if happened.by is events.By.EXPIRY else \
+                Event.CLIENT_DISABLED
+            return _Entry(kind, happened.reason, client, key_id)
+        case events.CheckerStarted():
+            return _Entry(Event.CHECKER_STARTED, f"Starting checker {happened.command!r} for "
+                          f"{client}", client, key_id, fields={"command": happened.command})
+        case events.CheckerFinished(status=0):
+            return _Entry(Event.CHECKER_SUCCEEDED, f"Checker for {client} succeeded", client,
+                          key_id, fields={"command": happened.command, "status": "0"})
+        case events.CheckerFinished(signal=int(signum)):
+            return _Entry(Event.CHECKER_FAILED, f"Checker for {client} was killed by signal "
+                          f"{signum}", client, key_id, fields={
+                              "command": happened.command, "status": str(happened.status),
+                              "signal": str(signum)})
+        case events.CheckerFinished():
+            return _Entry(Event.CHECKER_FAILED, f"Checker for {client} failed with status "
+                          f"{happened.status}", client, key_id,
+                          fields={"command": happened.command, "status": str(happened.status)})
+        case events.CheckerStopped():
+            return _Entry(Event.CHECKER_FAILED, f"Stopped checker {happened.command!r} for "
+                          f"{client}: still running after {happened.elapsed:.1f} s", client,
+                          key_id, fields={"command": happened.command})
+        case events.CheckerNotStarted():
+            return _Entry(Event.CHECKER_FAILED, f"Checker for {client} not started: "
+                          f"{happened.error}", client, key_id, priority=ERR)
+        case events.ConfigLoaded():
+            verb = "Reloaded" if happened.reloaded else "Loaded"
+            names = ", ".join(happened.clients) or "none"
+            return _Entry(Event.CONFIG_LOADED, f"{verb} {happened.path}: "
+                          f"{len(happened.clients)} clients ({names})")
+        case events.ConfigReloadFailed():
+            return _Entry(Event.CONFIG_RELOAD_FAILED, "Reload failed, keeping the old "
+                          f"configuration: {happened.error}")
+        case events.StateWriteFailed():
+            return _Entry(Event.STATE_PROBLEM, f"Cannot save the state in {happened.path}: "
+                          f"{happened.reason}; the file keeps the state last saved, and a "
+                          "restart before a write succeeds loses the changes since; serving "
+                          f"on, trying again every {happened.retry:g} s", priority=ERR)
+        case events.StateWriteRecovered():
+            return _Entry(Event.STATE_PROBLEM, f"Saved the state in {happened.path} again",
+                          priority=NOTICE)
+        case events.ServerStarted():
+            return _Entry(Event.SERVER_STARTED, "Mandos server listening on "
+                          f"{', '.join(happened.addresses)}")
+        case events.ServerStopping():
+            return _Entry(Event.SERVER_STOPPING, "Mandos server stopping")
+    return None

@@ -39,9 +39,11 @@ from mandos_protocol.wire import (
     parse_protocol_line,
     resumable_send,
 )
+from server import events
 from server.clients import ClientTable
 from server.config import ConfigError
-from server.journal import DEBUG, NOTICE, Event, Journal
+from server.events import Stage
+from server.journal import NOTICE, Event, Journal
 
 #: Deadlines (seconds) for a peer to send its protocol line, to finish the handshake, and to
 #: take the blob and answer close_notify.
@@ -251,14 +253,16 @@ def protocol_line_reader(sock: socket.socket) -> Callable[[], bytes]:
 
 
 class Listener:
-    """Accepts connections on the listening sockets and hands out secrets."""
+    """Accepts connections on the listening sockets and hands out secrets; publishes each
+    refusal and failed connection (the floods and ``accept`` errors go to the journal)."""
 
-    def __init__(self, sockets: list[socket.socket], clients: Callable[[], ClientTable],
-                 journal: Journal, priority: Priority, *,
+    def __init__(self, sockets: list[socket.socket], clients: ClientTable,
+                 journal: Journal, publisher: events.Publisher, priority: Priority, *,
                  max_connections: int | None = None) -> None:
         self.sockets = sockets
         self.clients = clients
         self.journal = journal
+        self.events = publisher
         self.priority = priority
         self.credentials = Credentials()
         self.max_connections = (connection_budget() if max_connections is None
@@ -301,6 +305,15 @@ class Listener:
             return True
         return False
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Connections short of a finished handshake (protocol line or TLS handshake)."""
+        return len(self._unproven)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._connections.discard(task)
         self._unproven.pop(task, None)
@@ -311,10 +324,7 @@ class Listener:
                 await self._exchange(connection, peer)
             except asyncio.CancelledError:
                 if asyncio.current_task() not in self._connections:  # evicted, not stopping
-                    self.floods.note(peer)
-                    self.journal.event(Event.CONNECTION_FAILED,
-                                       f"Connection from {peer} evicted before TLS: too many "
-                                       "connections open", peer=peer, priority=DEBUG)
+                    self._failed(peer, Stage.EVICTED, "too many connections open")
                 raise
 
     async def _exchange(self, connection: socket.socket, peer: str) -> None:
@@ -327,7 +337,7 @@ class Listener:
                 parse_protocol_line(
                     await driver.run(protocol_line_reader(connection), LINE_DEADLINE))
             except (ProtocolError, TimeoutError, OSError) as error:
-                self._failed(peer, "before TLS", error)
+                self._failed(peer, Stage.PROTOCOL_LINE, _reason(error))
                 return
             with Session.for_mandos_server(fd, self.credentials, self.priority,
                                            nonblocking=True) as session:
@@ -336,7 +346,7 @@ class Listener:
                     await driver.run(session.handshake, HANDSHAKE_DEADLINE)
                     peer_key = key_id(session.peer_public_key())
                 except (ProtocolError, TimeoutError, OSError) as error:
-                    self._failed(peer, "in the TLS handshake", error)
+                    self._failed(peer, Stage.HANDSHAKE, _reason(error))
                     return
                 task = asyncio.current_task()
                 if task is not None:
@@ -350,11 +360,10 @@ class Listener:
         """Decide and send, then close_notify (also after every refusal)."""
         cancelled = False
         try:
-            client = self.clients().lookup(peer_key)
+            client = self.clients.lookup(peer_key)
             if client is None:
-                self.journal.event(Event.CLIENT_NOT_FOUND,
-                                   f"Client not found for key ID {peer_key}",
-                                   key_id=peer_key, peer=peer)
+                self.events.publish(events.RequestRefused(
+                    peer=peer, key_id=peer_key, client=None, reason=events.Refusal.UNKNOWN_KEY))
                 return
             secret = await client.authorize(peer)
             if secret is None:
@@ -365,7 +374,7 @@ class Listener:
             cancelled = True
             raise
         except (ProtocolError, TimeoutError, OSError) as error:
-            self._failed(peer, "while sending", error, key=peer_key)
+            self._failed(peer, Stage.SENDING, _reason(error), key=peer_key)
         finally:
             await self._bye(session, driver, quick=cancelled)
 
@@ -377,14 +386,11 @@ class Listener:
                 return
             await driver.run(session.bye, SEND_DEADLINE)
 
-    def _failed(self, peer: str, where: str, error: BaseException, *, key: str = "") -> None:
-        reason = str(error) or "timed out"
-        early = where != "while sending"  # anyone can do this: no key proven yet
-        if early:
+    def _failed(self, peer: str, stage: Stage, error: str, *, key: str | None = None) -> None:
+        if stage is not Stage.SENDING:  # anyone can do this: no key proven yet
             self.floods.note(peer)
-        self.journal.event(Event.CONNECTION_FAILED, f"Connection from {peer} failed {where}: "
-                           f"{reason}", peer=peer, key_id=key or None,
-                           priority=DEBUG if early else None)
+        self.events.publish(events.ConnectionFailed(peer=peer, stage=stage, error=error,
+                                                    key_id=key))
 
     @property
     def port(self) -> int:
@@ -402,3 +408,8 @@ class Listener:
         for sock in self.sockets:
             sock.close()
         self.credentials.close()
+
+
+def _reason(error: BaseException) -> str:
+    """Why a connection failed, in words (a deadline's TimeoutError has none)."""
+    return str(error) or "timed out"

@@ -56,7 +56,7 @@ from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable, utcnow
 from server.config import DEBUG_LEVELS, ConfigError, load_clients, load_server_settings
 from server.dbus_api import BUS_NAME, CLIENT_INTERFACE, AdminBus, AdminService, object_path
-from server.journal import Event, Journal
+from server.journal import Event, Journal, journalled_publisher
 from server.listener import protocol_line_reader
 from server.statefile import fresh_state
 from tests.peers.ask import FakeRequester, monotonic_usec
@@ -756,6 +756,20 @@ class Outcome:
     value: Any
 
 
+class WarningsJournal(Journal):
+    """A journal that also lists the clients of its ``server-error`` entries."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.warned: list[str | None] = []
+
+    def event(self, event: Event, message: str, *, client: str | None = None,
+              **rest: Any) -> None:
+        if event is Event.SERVER_ERROR:
+            self.warned.append(client)
+        super().event(event, message, client=client, **rest)
+
+
 class InProcessAdmin:
     """Our admin service on an :class:`InProcessBus` with one client, ``foo``, which each
     :meth:`set` first puts back as the configuration and a fresh state make it."""
@@ -763,12 +777,13 @@ class InProcessAdmin:
     def __init__(self, conf: Path) -> None:
         self.settings = load_clients(conf)["foo"]
         self.log = io.StringIO()
-        self.journal = Journal(Path("/nonexistent/socket"), stream=self.log)
-        self.client = Client(self.settings, fresh_state(self.settings, utcnow()), self.journal)
+        self.journal = WarningsJournal(Path("/nonexistent/socket"), stream=self.log)
+        self.events = journalled_publisher(self.journal)
+        self.client = Client(self.settings, fresh_state(self.settings, utcnow()), self.events)
         table = ClientTable()
         table.add(self.client)
         self.bus = InProcessBus()
-        self.service = AdminService(self.bus, table, self.journal)
+        self.service = AdminService(self.bus, table, self.journal, self.events)
         self.service.sync_objects()
         self.serial = 0
         self.last_error_text = ""
@@ -954,9 +969,7 @@ def test_dbus_client_names_2000_cases(client_conf: Path) -> None:
     admin = loop.run_until_complete(_in_loop(InProcessAdmin, client_conf))
     table = admin.service.clients
     counts = {"exported": 0, "not on D-Bus": 0}
-    warned: list[str | None] = []
-    admin.journal.observe(lambda event, client, *_: warned.append(client)
-                          if event is Event.SERVER_ERROR else None)
+    warned = admin.journal.warned
 
     async def sync(names: list[str]) -> None:
         warned.clear()
@@ -965,7 +978,7 @@ def test_dbus_client_names_2000_cases(client_conf: Path) -> None:
         for name in names:
             settings = dataclasses.replace(admin.settings, name=name,
                                            key_id=hashlib.sha256(name.encode()).hexdigest())
-            table.add(Client(settings, fresh_state(settings, utcnow()), admin.journal))
+            table.add(Client(settings, fresh_state(settings, utcnow()), admin.events))
         admin.service.sync_objects()
         await asyncio.sleep(0)
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from mandos_protocol.gnutls import Priority
+from server import events
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError
-from server.journal import Event, Journal, encode_entry
+from server.journal import Event, Journal, encode_entry, journalled_publisher
 from server.listener import Listener, bind_socket
 from server.statefile import StateFile, fresh_state
 from tests.peers.ours import JournalSink, parse_native
@@ -41,7 +42,7 @@ def make_client(**changes: object) -> tuple[Client, io.StringIO]:
     log = io.StringIO()
     journal = Journal(Path("/nonexistent/socket"), stream=log)
     settings = config(**changes)
-    return Client(settings, fresh_state(settings, utcnow()), journal), log
+    return Client(settings, fresh_state(settings, utcnow()), journalled_publisher(journal)), log
 
 
 def test_approval_within_delay() -> None:
@@ -145,7 +146,8 @@ def saved_client(tmp_path: Path, settings: ClientConfig, state: ClientState,
     """A state file holding one client saved with ``old_config`` in the file."""
     async def save() -> None:
         journal = Journal(Path("/nonexistent"), stream=io.StringIO())
-        statefile.save([Client(settings, state, journal)], {settings.name: old_config})
+        statefile.save([Client(settings, state, journalled_publisher(journal))],
+                       {settings.name: old_config})
 
     statefile = StateFile(tmp_path, lambda message: None)
     asyncio.run(save())
@@ -237,25 +239,102 @@ def test_journal_native_encoding(tmp_path: Path) -> None:
         sink.close()
 
 
-def test_journal_observers_see_every_event_and_cannot_break_it() -> None:
-    """Observers (the D-Bus service) see events below --debuglevel too; one that raises is
-    reported in the journal and the next observer still runs."""
+def test_subscribers_see_every_event_and_cannot_break_it() -> None:
+    """Subscribers see events below --debuglevel too, only the kinds they asked for; one that
+    raises is reported in the journal and the next subscriber still runs."""
     log = io.StringIO()
     journal = Journal(Path("/nonexistent"), stream=log, max_priority=4)  # warnings and up
-    seen: list[tuple[str, str | None]] = []
+    publisher = journalled_publisher(journal)
+    seen: list[events.ServerEvent] = []
+    started: list[events.ServerEvent] = []
 
-    def broken(*event: object) -> None:
+    def broken(event: events.ServerEvent) -> None:
         raise RuntimeError("bus gone")
 
-    journal.observe(broken)
-    stop = journal.observe(lambda event, client, *rest: seen.append((event.label, client)))
-    journal.event(Event.SECRET_SENT, "sent", client="foo")  # INFO: not written
-    assert seen == [("secret-sent", "foo")]
+    publisher.subscribe(broken)
+    stop = publisher.subscribe(seen.append)
+    publisher.subscribe(started.append, events.ServerStarted)
+    sent = events.SecretSent(client="foo", key_id="AB", peer="::1", at=utcnow())
+    publisher.publish(sent)  # INFO: not written
+    assert seen == [sent] and started == []
     assert "INFO secret-sent" not in log.getvalue()
-    assert "cannot pass on secret-sent: bus gone" in log.getvalue()
+    assert "cannot pass on SecretSent: bus gone" in log.getvalue()
     stop()
-    journal.event(Event.SECRET_SENT, "sent", client="bar")
-    assert seen == [("secret-sent", "foo")]
+    publisher.unsubscribe(broken)
+    publisher.publish(events.ServerStarted(addresses=("[::]:1",)))
+    assert seen == [sent] and len(started) == 1
+    assert log.getvalue().count("cannot pass on") == 1
+
+
+def test_client_events_are_typed_and_journalled() -> None:
+    """What a client's life publishes: typed fields for subscribers, and the journal's entries
+    with their MANDOS_EVENT labels as before."""
+    async def scenario() -> None:
+        client, log = make_client(enabled=False, approval_delay=datetime.timedelta(seconds=30),
+                                  approved_by_default=False)
+        seen: list[events.ServerEvent] = []
+        client.events.subscribe(seen.append)
+        client.start()
+        client.enable(events.By.FLEET)
+        waiting = asyncio.create_task(client.authorize("192.0.2.1"))
+        await asyncio.sleep(0.05)
+        client.approve(False)
+        assert await asyncio.wait_for(waiting, 1) is None
+        client.disable(events.By.ADMIN, "Client foo disabled: stolen")
+        client.remove(events.By.CONFIG)
+        kinds = [type(event).__name__ for event in seen]
+        assert kinds == ["ClientEnabled", "ExpiryChanged", "NeedsApproval", "Approved",
+                         "RequestRefused", "ClientDisabled", "ClientRemoved"], kinds
+        enabled, _, needs, approved, refused, disabled, removed = seen
+        assert isinstance(enabled, events.ClientEnabled) and enabled.by is events.By.FLEET
+        assert enabled.client == "foo" and enabled.key_id == "AB" * 32
+        assert isinstance(needs, events.NeedsApproval) and needs.peer == "192.0.2.1"
+        assert needs.approval_delay == datetime.timedelta(seconds=30)
+        assert not needs.approved_by_default
+        assert isinstance(approved, events.Approved) and approved.approved is False
+        assert isinstance(refused, events.RequestRefused)
+        assert refused.reason is events.Refusal.DENIED and refused.client == "foo"
+        assert isinstance(disabled, events.ClientDisabled) and disabled.by is events.By.ADMIN
+        assert isinstance(removed, events.ClientRemoved) and removed.by is events.By.CONFIG
+        text = log.getvalue()
+        for label in ("client-enabled", "needs-approval", "refused-denied", "client-disabled"):
+            assert f" {label}: " in text, label
+        assert "Client foo disabled: stolen" in text
+        assert "needs approval within 30 s (default: deny)" in text
+
+    asyncio.run(scenario())
+
+
+def test_checker_events() -> None:
+    """A failing, a succeeding and a signalled checker: typed status for subscribers, the
+    journal's entries and fields as before."""
+    async def scenario() -> None:
+        client, log = make_client()
+        finished: list[events.CheckerFinished] = []
+        done = asyncio.Event()
+
+        def on_finished(event: events.ServerEvent) -> None:
+            assert isinstance(event, events.CheckerFinished)
+            finished.append(event)
+            done.set()
+
+        client.events.subscribe(on_finished, events.CheckerFinished)
+        for command in ("exit 3", "true", "kill -TERM $$"):
+            client.change_settings(checker=command)
+            done.clear()
+            client.start_checker()
+            await done.wait()
+        assert [(e.command, e.status, e.signal, e.succeeded) for e in finished] == [
+            ("exit 3", 3, None, False), ("true", 0, None, True),
+            ("kill -TERM $$", -1, 15, False)]
+        assert client.state.last_checker_status == -1
+        text = log.getvalue()
+        assert "failed with status 3 [client=foo key_id=" in text
+        assert "checker-succeeded: Checker for foo succeeded" in text
+        assert "killed by signal 15" in text and "status=-1 signal=15" in text
+        client.close()
+
+    asyncio.run(scenario())
 
 
 def test_bad_peers_cost_nothing(tmp_path: Path) -> None:
@@ -265,7 +344,11 @@ def test_bad_peers_cost_nothing(tmp_path: Path) -> None:
         port = listening.getsockname()[1]
         log = io.StringIO()
         journal = Journal(Path("/nonexistent"), stream=log, max_priority=7)
-        listener = Listener([listening], ClientTable, journal, Priority(), max_connections=8)
+        failures: list[events.ServerEvent] = []
+        publisher = journalled_publisher(journal)
+        publisher.subscribe(failures.append, events.ConnectionFailed)
+        listener = Listener([listening], ClientTable(), journal, publisher, Priority(),
+                            max_connections=8)
         listener.start()
         loop = asyncio.get_running_loop()
 
@@ -298,5 +381,7 @@ def test_bad_peers_cost_nothing(tmp_path: Path) -> None:
         assert "unknown protocol version 2" in text
         assert "protocol line too long" in text
         assert "in the TLS handshake" in text
+        stages = {event.stage for event in failures if isinstance(event, events.ConnectionFailed)}
+        assert stages == {events.Stage.PROTOCOL_LINE, events.Stage.HANDSHAKE}
 
     asyncio.run(scenario())
