@@ -257,6 +257,7 @@ def test_nonblocking_call_raises_blocking_io_error(
         assert session.want_write is False
 
 
+@pytest.mark.timeout(60)  # without a deadline the handshake would wait for ever
 @pytest.mark.parametrize("role", ["server", "client"])
 def test_silent_peer_times_out(
     role: str, priority: Priority, empty_credentials: Credentials,
@@ -271,8 +272,10 @@ def test_silent_peer_times_out(
                                             timeout=0.5)
     started = time.monotonic()
     with session, pytest.raises(ProtocolError, match="timed out"):
-        session.handshake()
-    assert 0.4 < time.monotonic() - started < 2.0
+        session.handshake()  # returns only because the deadline passed: the peer is silent
+    # Not before the deadline (a unit mix-up, e.g. seconds taken for milliseconds, would end
+    # it at once); load can only lengthen the wait, so no upper bound.
+    assert time.monotonic() - started > 0.4
 
 
 def test_peer_hanging_up_is_a_protocol_error(

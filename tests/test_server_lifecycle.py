@@ -46,7 +46,12 @@ def test_successful_checker_keeps_client_enabled(keys: Keys) -> None:
 
 
 def test_failing_checker_expires_client_for_good(keys: Keys) -> None:
-    conf = clients_conf(hand_section(keys, interval="1s", timeout="1s"),
+    """foo's checker fails: foo expires and stays disabled, with no checker of its own.  bar,
+    whose checker runs at the same interval, is the clock: two more of its checkers mean two
+    more intervals in which foo's would have run too (guards against checking, and so perhaps
+    re-enabling, a disabled client), without sleeping and hoping."""
+    bar = set_options(keys.bar_section, interval="1s", timeout="1h", checker="/bin/true")
+    conf = clients_conf(hand_section(keys, interval="1s", timeout="1s"), bar,
                         defaults="checker = /bin/false\n")
     with OurServer(conf) as server:
         assert server.journal is not None
@@ -55,10 +60,10 @@ def test_failing_checker_expires_client_for_good(keys: Keys) -> None:
         server.journal.wait_for("client-expired", MANDOS_CLIENT="foo", timeout=5)
         assert fetch(keys.foo, "127.0.0.1", server.port) == b""
         server.journal.wait_for("refused-disabled", MANDOS_CLIENT="foo")
-        time.sleep(1.5)  # no checker runs for a disabled client, nothing re-enables it
-        checkers = len(server.journal.find("checker-started"))
-        time.sleep(1.2)
-        assert len(server.journal.find("checker-started")) == checkers
+        checkers = len(server.journal.find("checker-started", MANDOS_CLIENT="foo"))
+        bars = len(server.journal.find("checker-started", MANDOS_CLIENT="bar"))
+        server.journal.wait_for("checker-started", count=bars + 2, MANDOS_CLIENT="bar")
+        assert len(server.journal.find("checker-started", MANDOS_CLIENT="foo")) == checkers
         assert fetch(keys.foo, "127.0.0.1", server.port) == b""
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 
 from inotify_simple import INotify, flags
 
+from server.daemon import SAVE_DELAY
 from tests.conftest import Keys
 from tests.peers.ours import OurServer, clients_conf, fetch
 from tests.peers.upstream import section_secret
@@ -26,10 +28,17 @@ def test_a_burst_of_unlocks_causes_few_writes_and_sigterm_saves_the_last(keys: K
     blob = section_secret(keys.foo_section)
     with OurServer(clients_conf(keys.foo_section)) as server, INotify() as watch:
         watch.add_watch(str(server.statedir), flags.MOVED_TO)
+        started = time.monotonic()
         for _ in range(UNLOCKS):
             assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+        windows = (time.monotonic() - started) / SAVE_DELAY
         writes = _renames_onto_state_file(watch)
-        assert writes <= UNLOCKS // 4, f"{writes} state file writes for {UNLOCKS} unlocks"
+        # Guards against a write per unlock: a change schedules one write SAVE_DELAY later,
+        # so there is at most one write per SAVE_DELAY window (and one that was already
+        # scheduled).  A loaded machine makes the burst longer and the bound with it; it
+        # stays far below UNLOCKS as long as an unlock takes less than SAVE_DELAY.
+        assert writes <= windows + 2, (f"{writes} writes for {UNLOCKS} unlocks in"
+                                       f" {windows:.1f} windows")
 
         # One more unlock, then SIGTERM at once: the pending write is not lost.
         before = datetime.datetime.now(datetime.UTC)

@@ -16,8 +16,12 @@ from pathlib import Path
 
 from password_agent import keyring
 from password_agent.answered import key_description
+from password_agent.watch import _IDLE_WAKE_SECONDS
 from tests.peers.leaks import WATCH
 from tests.peers.upstream import KeySet
+
+#: poll(2) on x86_64.
+_POLL = 7
 
 
 class AgentRun:
@@ -39,14 +43,39 @@ class AgentRun:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+    def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Wait until the log holds ``text`` ``count`` times, failing early if the agent
+        exits first."""
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while self.log().count(text) < count:
             if time.monotonic() > deadline:
-                raise AssertionError(f"agent never logged {text!r}:\n{self.log()}")
-            if self.process.poll() is not None and text not in self.log():
+                raise AssertionError(f"agent never logged {text!r} {count} times:\n"
+                                     f"{self.log()}")
+            if self.process.poll() is not None and self.log().count(text) < count:
                 raise AssertionError(f"agent exited ({self.process.returncode}) without "
-                                     f"logging {text!r}:\n{self.log()}")
+                                     f"logging {text!r} {count} times:\n{self.log()}")
+            time.sleep(0.02)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the agent sleeps in its idle wait: ``poll(2)`` (x86_64: system call 7)
+        with the watcher's idle wake-up as timeout, read from ``/proc/PID/syscall``.  Only an
+        agent with nothing pending waits so long: one that retries a server or fetches waits
+        at most a few seconds at a time, one that exits does not wait.  This is the event that
+        tells "it stays idle" without sleeping for a while and hoping."""
+        idle_timeout = hex(int(_IDLE_WAKE_SECONDS * 1000))  # milliseconds, poll's 3rd argument
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                call = Path(f"/proc/{self.process.pid}/syscall").read_text().split()
+            except OSError:
+                call = []
+            if call[:1] == [str(_POLL)] and call[3:4] == [idle_timeout]:
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent exited ({self.process.returncode}) instead of "
+                                     f"waiting idle:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent never waited idle ({call}):\n{self.log()}")
             time.sleep(0.02)
 
     def wait(self, timeout: float = 15.0) -> int:
