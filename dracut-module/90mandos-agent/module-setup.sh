@@ -39,9 +39,10 @@ _mandos_agent_keydir() {
     return 1
 }
 
-# Does the host unlock a LUKS volume in the initramfs?  Only then does the network have to come
-# up for us (rd.neednet=1); forcing it on a host without one would stall its boot.
-_mandos_agent_network_volumes() {
+# Has the host a LUKS volume (any LUKS volume: this does not know which unlock in the
+# initramfs)?  Only then does the network have to come up for us (rd.neednet=1); forcing it on a
+# host without one would stall its boot.
+_mandos_agent_has_luks_volume() {
     local dev
     for dev in "${!host_fs_types[@]}"; do
         [[ ${host_fs_types[$dev]} == crypto_LUKS ]] && return 0
@@ -157,7 +158,7 @@ install() {
     $SYSTEMCTL -q --root "$initdir" enable mandos-password-agent.service \
         mandos-password-agent.path || return 1
 
-    if [[ $hostonly_cmdline == yes ]] && _mandos_agent_network_volumes; then
+    if [[ $hostonly_cmdline == yes ]] && _mandos_agent_has_luks_volume; then
         mkdir -p "$initdir/etc/cmdline.d"
         printf 'rd.neednet=1\n' > "$initdir/etc/cmdline.d/90mandos-agent.conf"
     fi
