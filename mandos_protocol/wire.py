@@ -18,6 +18,10 @@ PROTOCOL_LINE = b"1\r\n"
 #: Protocol versions a server accepts, as upstream's server does.
 ACCEPTED_VERSIONS = frozenset({0, 1})
 
+#: The Zeroconf (DNS-SD) service type a server announces and a client browses for, as
+#: upstream's ``mandos`` (through Avahi) and ``mandos-client`` use it.
+SERVICE_TYPE = "_mandos._tcp.local."
+
 #: Upstream's default GnuTLS priority for raw public keys (GnuTLS >= 3.6.6), used on both ends,
 #: with two changes that cost nothing on the wire and save CPU in every handshake (measured with
 #: ``bench/roles.py``: the Mandos server's side from 0.340 to 0.283 ms, the client's from 0.270

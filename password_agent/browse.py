@@ -35,7 +35,7 @@ from zeroconf import (
     Zeroconf,
 )
 
-SERVICE_TYPE = "_mandos._tcp.local."
+from mandos_protocol.wire import SERVICE_TYPE
 
 #: Once one server is resolved, how long to wait for others before returning.
 GRACE = 0.3

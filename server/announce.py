@@ -52,7 +52,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _TYPE_SRV
 
-SERVICE_TYPE = "_mandos._tcp.local."
+from mandos_protocol.wire import SERVICE_TYPE
 
 #: As upstream's ``AvahiService.max_renames``.
 MAX_RENAMES = 32768
