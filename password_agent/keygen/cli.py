@@ -81,6 +81,35 @@ def _version() -> str:
         return "unknown"
 
 
+def add_key_options(group: argparse._ActionsContainer) -> None:
+    """The key type options, shared with ``mandos-luks bind``, which makes missing keys."""
+    group.add_argument("-t", "--type", default=DEFAULT_KEY_TYPE, metavar="TYPE",
+                       help=f"OpenPGP key type (default: {DEFAULT_KEY_TYPE}; RSA as upstream)")
+    group.add_argument("-l", "--length", type=int, default=DEFAULT_LENGTH, metavar="BITS",
+                       help=f"OpenPGP key length for RSA/DSA (default: {DEFAULT_LENGTH})")
+    group.add_argument("-s", "--subtype", default=DEFAULT_SUBKEY_TYPE, metavar="TYPE",
+                       help=f"OpenPGP subkey type (default: {DEFAULT_SUBKEY_TYPE}; RSA as "
+                            "upstream)")
+    group.add_argument("-L", "--sublength", type=int, default=DEFAULT_LENGTH, metavar="BITS",
+                       help=f"OpenPGP subkey length for RSA/ELG-E (default: {DEFAULT_LENGTH})")
+    group.add_argument("-e", "--email", default="", metavar="ADDRESS",
+                       help="e-mail address of the OpenPGP key (default: none)")
+    group.add_argument("-c", "--comment", default="", metavar="TEXT",
+                       help="comment of the OpenPGP key (default: none)")
+    group.add_argument("-x", "--expire", default="0", metavar="TIME",
+                       help="OpenPGP key expiry, see gpg(1) (default: never)")
+    group.add_argument("-T", "--tls-keytype", default=DEFAULT_TLS_KEY_TYPE, metavar="TYPE",
+                       help=f"TLS key type: {', '.join(tls_key_types())} "
+                            f"(default: {DEFAULT_TLS_KEY_TYPE})")
+
+
+def key_spec(args: argparse.Namespace, name: str) -> KeySpec:
+    """The OpenPGP key that :func:`add_key_options`' values ask for."""
+    return KeySpec(name=name, key_type=args.type, length=args.length, subkey_type=args.subtype,
+                   sublength=args.sublength, email=args.email, comment=args.comment,
+                   expire=args.expire)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -93,24 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--name", metavar="NAME",
                         help="name of the key and of the section (default: the FQDN)")
     creation = parser.add_argument_group("key creation")
-    creation.add_argument("-t", "--type", default=DEFAULT_KEY_TYPE, metavar="TYPE",
-                          help=f"OpenPGP key type (default: {DEFAULT_KEY_TYPE}; RSA as upstream)")
-    creation.add_argument("-l", "--length", type=int, default=DEFAULT_LENGTH, metavar="BITS",
-                          help=f"OpenPGP key length for RSA/DSA (default: {DEFAULT_LENGTH})")
-    creation.add_argument("-s", "--subtype", default=DEFAULT_SUBKEY_TYPE, metavar="TYPE",
-                          help=f"OpenPGP subkey type (default: {DEFAULT_SUBKEY_TYPE}; RSA as "
-                               "upstream)")
-    creation.add_argument("-L", "--sublength", type=int, default=DEFAULT_LENGTH, metavar="BITS",
-                          help=f"OpenPGP subkey length for RSA/ELG-E (default: {DEFAULT_LENGTH})")
-    creation.add_argument("-e", "--email", default="", metavar="ADDRESS",
-                          help="e-mail address of the OpenPGP key (default: none)")
-    creation.add_argument("-c", "--comment", default="", metavar="TEXT",
-                          help="comment of the OpenPGP key (default: none)")
-    creation.add_argument("-x", "--expire", default="0", metavar="TIME",
-                          help="OpenPGP key expiry, see gpg(1) (default: never)")
-    creation.add_argument("-T", "--tls-keytype", default=DEFAULT_TLS_KEY_TYPE, metavar="TYPE",
-                          help=f"TLS key type: {', '.join(tls_key_types())} "
-                               f"(default: {DEFAULT_TLS_KEY_TYPE})")
+    add_key_options(creation)
     creation.add_argument("-f", "--force", action="store_true",
                           help="replace existing key files, keeping numbered backups (NAME.~N~)")
     password = parser.add_argument_group(
@@ -199,7 +211,7 @@ def _key_id(tls_pubkey: Path) -> str | None:
     return key_id_of_pem(pem)
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     if not name:
         raise AgentError("Empty key name")
     if not name.isprintable():
@@ -209,12 +221,9 @@ def _check_name(name: str) -> str:
 
 def run(args: argparse.Namespace) -> None:
     directory = args.dir if args.dir is not None else default_directory()
-    name = _check_name(args.name if args.name is not None else socket.getfqdn())
+    name = check_name(args.name if args.name is not None else socket.getfqdn())
     if not (args.password or args.passfile is not None):
-        spec = KeySpec(name=name, key_type=args.type, length=args.length,
-                       subkey_type=args.subtype, sublength=args.sublength, email=args.email,
-                       comment=args.comment, expire=args.expire)
-        create_keys(directory, spec, args.tls_keytype, args.force)
+        create_keys(directory, key_spec(args, name), args.tls_keytype, args.force)
         return
     keys = load_client_keys(directory)
     host_key = None if args.no_ssh else scan_local_ssh_key()

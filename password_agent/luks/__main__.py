@@ -1,0 +1,7 @@
+"""``python -m password_agent.luks``: the same as ``mandos-luks``."""
+
+import sys
+
+from password_agent.luks.cli import main
+
+sys.exit(main())
