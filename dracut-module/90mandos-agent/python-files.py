@@ -35,11 +35,11 @@ ENTRY_MODULES = ("password_agent.cli", "password_agent.agent", "mandos_protocol.
 MAIN_MODULE = "password_agent.__main__"
 BROWSE_MODULE = "password_agent.browse"
 #: Never ship these, even if the tracing run imported them: the agent has no use for them
-#: (keygen needs cryptography and runs on the installed system) or they drag in large
+#: (keygen and mandos-luks need cryptography and run on the installed system) or they drag in large
 #: libraries for nothing (_hashlib and _ssl need libcrypto/libssl, about 5 MB; hashlib and hmac
 #: fall back to the built-in SHA-2 implementations).
-EXCLUDED = ("password_agent.keygen", "cryptography", "_hashlib", "_ssl", "ssl", "sitecustomize",
-            "usercustomize", "_distutils_hack")
+EXCLUDED = ("password_agent.keygen", "password_agent.luks", "cryptography", "_hashlib", "_ssl",
+            "ssl", "sitecustomize", "usercustomize", "_distutils_hack")
 #: Nor these, which their only importer (shutil, for its archive formats) does without.
 UNUSED = ("bz2", "_bz2", "lzma", "_lzma", "_compression")
 #: Loaded at interpreter start-up or by the C locale, whatever the tracing run's environment.
