@@ -26,28 +26,22 @@ from typing import Any
 
 from mandos_protocol.durations import parse_duration
 from mandos_protocol.errors import ProtocolError
+from server.dbus_names import (
+    BUS_NAME,
+    CLIENT_INTERFACE,
+    CLIENT_PROPERTIES,
+    OBJECT_MANAGER,
+    PROPERTIES,
+    SERVER_INTERFACE,
+    SERVER_PATH,
+)
 
 VERSION = "1.8.16"
-BUS_NAME = "se.recompile.Mandos"
-SERVER_PATH = "/"
-SERVER_INTERFACE = "se.recompile.Mandos"
-CLIENT_INTERFACE = "se.recompile.Mandos.Client"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-PROPERTIES = "org.freedesktop.DBus.Properties"
 
 #: The properties shown by ``--verbose`` and ``--dump-json``, in upstream's order, with the
 #: table headers.
-HEADERS: Mapping[str, str] = {
-    "Name": "Name", "Enabled": "Enabled", "Timeout": "Timeout",
-    "LastCheckedOK": "Last Successful Check", "Created": "Created", "Interval": "Interval",
-    "Host": "Host", "KeyID": "Key ID", "Fingerprint": "Fingerprint",
-    "CheckerRunning": "Check Is Running", "LastEnabled": "Last Enabled",
-    "ApprovalPending": "Approval Is Pending", "ApprovedByDefault": "Approved By Default",
-    "LastApprovalRequest": "Last Approval Request", "ApprovalDelay": "Approval Delay",
-    "ApprovalDuration": "Approval Duration", "Checker": "Checker",
-    "ExtendedTimeout": "Extended Timeout", "Expires": "Expires",
-    "LastCheckerStatus": "Last Checker Status",
-}
+HEADERS: Mapping[str, str] = {name: prop.header for name, prop in CLIENT_PROPERTIES.items()
+                              if prop.header}
 DEFAULT_KEYS = ("Name", "Enabled", "Timeout", "LastCheckedOK")
 MILLISECOND_KEYS = frozenset(
     ("Timeout", "Interval", "ApprovalDelay", "ApprovalDuration", "ExtendedTimeout"))

@@ -59,25 +59,21 @@ from mandos_protocol.errors import ProtocolError
 from server import events
 from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable
+from server.dbus_names import (
+    BUS_NAME,
+    CLIENT_INTERFACE,
+    CLIENT_PROPERTIES,
+    OBJECT_MANAGER,
+    SERVER_INTERFACE,
+)
 from server.events import By, Refusal
 from server.journal import WARNING, Event, Journal
 
-BUS_NAME = "se.recompile.Mandos"
-SERVER_INTERFACE = "se.recompile.Mandos"
-CLIENT_INTERFACE = "se.recompile.Mandos.Client"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 #: Seconds to wait for the system bus before going on without it.
 CONNECT_TIMEOUT = 5.0
 
 #: Readable client properties and their D-Bus signatures (``Secret`` is write-only).
-SIGNATURES: Mapping[str, str] = {
-    "ApprovalDelay": "t", "ApprovalDuration": "t", "ApprovalPending": "b",
-    "ApprovedByDefault": "b", "Checker": "s", "CheckerRunning": "b", "Created": "s",
-    "Enabled": "b", "Expires": "s", "ExtendedTimeout": "t", "Fingerprint": "s", "Host": "s",
-    "Interval": "t", "KeyID": "s", "LastApprovalRequest": "s", "LastCheckedOK": "s",
-    "LastCheckerStatus": "n", "LastEnabled": "s", "Name": "s", "ObjectPath": "o",
-    "Timeout": "t",
-}
+SIGNATURES: Mapping[str, str] = {name: prop.signature for name, prop in CLIENT_PROPERTIES.items()}
 
 #: A refusal of a known client -> upstream's ``Rejected`` reason.
 _REJECTIONS: Mapping[Refusal, str] = {
