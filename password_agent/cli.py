@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_protocol.coredump import forbid_core_dumps
+from mandos_protocol.version import version_line
 from password_agent import stopsignal
 from password_agent.agent import Agent, AgentConfig
 from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kernel command line to honour mandos= and ip= from "
                              "(default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="log more")
+    parser.add_argument("-V", "--version", action="version",
+                        version=version_line("mandos-password-agent"))
     return parser
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from mandos_protocol.durations import parse_duration
 from mandos_protocol.errors import ProtocolError
+from mandos_protocol.version import version_line
 from server.dbus_names import (
     BUS_NAME,
     CLIENT_INTERFACE,
@@ -35,8 +36,6 @@ from server.dbus_names import (
     SERVER_INTERFACE,
     SERVER_PATH,
 )
-
-VERSION = "1.8.16"
 
 #: The properties shown by ``--verbose`` and ``--dump-json``, in upstream's order, with the
 #: table headers.
@@ -153,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         convert.__name__ = metavar  # argparse names the type in its error messages
         add(*flags, action="append", type=convert, metavar=metavar, help=help, **commands)
 
-    add("--version", action="version", version=f"%(prog)s {VERSION}",
+    add("--version", action="version", version=version_line("mandos-ctl"),
         help="show version number and exit")
     add("-a", "--all", action="store_true", help="Select all clients")
     add("-v", "--verbose", action="store_true", help="Print all fields")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from mandos_protocol.version import VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 MAN_DIRECTORY = ROOT / "man"
 
@@ -120,7 +122,7 @@ def test_title_and_name_line_name_the_command(command: str) -> None:
     first = page.read_text(encoding="ascii").splitlines()[0]
     assert first.split()[:3] == [".TH", command.upper(), "8"]
     metadata = _setup_cfg()["metadata"]
-    assert f'"{metadata["name"]} {metadata["version"]}"' in first  # the release it documents
+    assert f'"{metadata["name"]} {VERSION}"' in first  # the release it documents
     name_line = next(line for line in _sections(page)["NAME"] if line.strip())
     assert name_line.startswith(f"{command} \\- ")
 

@@ -24,11 +24,11 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
 from mandos_protocol.coredump import forbid_core_dumps
+from mandos_protocol.version import version_line
 from password_agent import stopsignal
 from password_agent.errors import AgentError
 from password_agent.keyfiles import KeyFiles
@@ -74,13 +74,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(_USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def _version() -> str:
-    try:
-        return metadata.version("mandos-agent")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def add_key_options(group: argparse._ActionsContainer) -> None:
     """The key type options, shared with ``mandos-luks bind``, which makes missing keys."""
     group.add_argument("-t", "--type", default=DEFAULT_KEY_TYPE, metavar="TYPE",
@@ -116,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the keys of a Mandos client, or encrypt a password with them "
                     "and print a section for the server's clients.conf.",
     )
-    parser.add_argument("-v", "--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("-v", "--version", action="version", version=version_line(PROG))
     parser.add_argument("-d", "--dir", type=Path, metavar="DIR",
                         help="directory of the key files (default: /etc/keys/mandos)")
     parser.add_argument("-n", "--name", metavar="NAME",
