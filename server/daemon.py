@@ -27,7 +27,15 @@ from mandos_protocol.gnutls import Priority
 from mandos_protocol.notify import Notifier
 from server import events, systemd
 from server.clients import Client, ClientState, ClientTable, utcnow
-from server.config import ClientConfig, ConfigError, ServerSettings, load_clients
+from server.config import (
+    CLIENTS_D,
+    ClientConfig,
+    ClientsConfiguration,
+    ConfigError,
+    ServerSettings,
+    load_configuration,
+)
+from server.configwatch import ClientsDirWatch
 from server.events import By
 from server.journal import ERR, NOTICE, WARNING, Event, Journal, journalled_publisher
 from server.listener import Listener, adopt_socket, bind_socket
@@ -56,6 +64,13 @@ class Daemon:
         self.statefile = StateFile(settings.statedir, self._state_warning)
         self.clients = ClientTable()
         self.configs: dict[str, ClientConfig] = {}
+        #: The client files in force (clients.conf, clients.d/*.conf), for the next reload.
+        self.configuration: ClientsConfiguration | None = None
+        self.watch = ClientsDirWatch(settings.configdir, self._clients_d_changed,
+                                     self._watch_warning)
+        #: While starting, whether clients.d changed (it is reloaded once serving); None
+        #: once serving, when a change reloads it at once.
+        self._changed_while_starting: bool | None = False
         self.listener: Listener | None = None
         self.announcer: Announcer | None = None
         self.dbus: AdminService | None = None
@@ -97,7 +112,9 @@ class Daemon:
             priority = Priority(self.settings.priority)
         except ProtocolError as error:
             raise ConfigError(f"priority: {error}") from None
-        self.configs = load_clients(self.settings.clients_conf)
+        self.watch.start()  # before reading: a change from now on is seen
+        self.configuration = load_configuration(self.settings.configdir)
+        self.configs = self.configuration.clients
         leftovers = self.statefile.remove_leftovers()
         if leftovers:
             self.journal.event(Event.STATE_PROBLEM,
@@ -131,6 +148,9 @@ class Daemon:
                 addresses=tuple(_describe(sock) for sock in sockets)))
             self.notifier.ready(self.status_line())
             self._arm_watchdog()
+            changed, self._changed_while_starting = self._changed_while_starting, None
+            if changed:
+                self.reload(clients_conf=False)
             await self._stop.wait()
         finally:
             await self._shutdown()
@@ -161,6 +181,7 @@ class Daemon:
         self.events.publish(events.ServerStopping())
         if self._watchdog is not None:
             self._watchdog.cancel()
+        self.watch.close()
         if self.listener is not None:
             await self.listener.stop()
         for client in self.clients:
@@ -264,24 +285,26 @@ class Daemon:
 
     # -- reload -----------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """SIGHUP: read clients.conf again; add, drop and change clients in place.
+    def reload(self, *, clients_conf: bool = True) -> None:
+        """Read the client files again (SIGHUP: clients.conf and clients.d/; a change in
+        clients.d/: only that) and add, drop and change clients in place; connections stay.
 
-        A file that cannot be used keeps the old configuration; so does a missing one (at
-        start-up it means no clients, as upstream): a file moved away while being edited must
-        not drop every client, and with them their state (a client disabled for cause would
-        come back enabled with the file)."""
+        A file that cannot be used keeps its previous contents, and so does a missing
+        clients.conf (at start-up it means no clients, as upstream): a file moved away while
+        being edited must not drop its clients, and with them their state (a client disabled
+        for cause would come back enabled with the file).  The other files' changes apply
+        (:func:`server.config.load_configuration`).  A file removed from clients.d takes its
+        clients with it.  A client removed over D-Bus comes back on SIGHUP, or when its
+        configuration changes."""
         self.notifier.notify("RELOADING=1")
         try:
-            try:
-                if not self.settings.clients_conf.exists():
-                    raise ConfigError(f"{self.settings.clients_conf} is missing (to remove "
-                                      "every client, leave it empty)")
-                configs = load_clients(self.settings.clients_conf)
-            except ConfigError as error:
-                self.events.publish(events.ConfigReloadFailed(
-                    path=str(self.settings.clients_conf), error=str(error)))
-                return
+            loaded = load_configuration(self.settings.configdir, self.configuration,
+                                        clients_conf=clients_conf)
+            for problem in loaded.problems:
+                self.events.publish(events.ConfigReloadFailed(path=str(problem.path),
+                                                              error=problem.message))
+            configs = loaded.clients
+            changed = configs != self.configs
             now = utcnow()
             for name in list(self.configs):
                 if name not in configs:
@@ -291,21 +314,39 @@ class Daemon:
             for name, config in configs.items():
                 client = self.clients.get(name)
                 if client is None:
+                    if not clients_conf and self.configs.get(name) == config:
+                        continue  # removed over D-Bus, and its file did not change
                     restored = self.statefile.restore({name: config}, {}, now)[name]
                     client = self._make_client(restored.settings, restored.state)
                     self.clients.add(client)
                     client.start()
                 else:
                     client.apply_settings(config, self.configs[name])
+            self.configuration = loaded
             self.configs = configs
             self.clients.reindex()
-            self._config_loaded(reloaded=True)
+            if changed or not loaded.problems:  # else the refusals said it all
+                self._config_loaded(reloaded=True, changed=not clients_conf)
         finally:
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
-    def _config_loaded(self, *, reloaded: bool) -> None:
-        self.events.publish(events.ConfigLoaded(path=str(self.settings.clients_conf),
-                                                clients=tuple(self.configs), reloaded=reloaded))
+    def _clients_d_changed(self) -> None:
+        if self._changed_while_starting is None:
+            self.reload(clients_conf=False)
+        else:
+            self._changed_while_starting = True
+
+    def _watch_warning(self, message: str) -> None:
+        self.journal.event(Event.SERVER_ERROR, message, priority=WARNING)
+
+    def _config_loaded(self, *, reloaded: bool, changed: bool = False) -> None:
+        assert self.configuration is not None
+        directory = self.settings.configdir / CLIENTS_D
+        self.events.publish(events.ConfigLoaded(
+            path=str(self.settings.clients_conf), clients=tuple(self.configs),
+            reloaded=reloaded, directory=str(directory), changed=changed,
+            files=tuple(str(file.path) for file in self.configuration.files
+                        if file.path.parent == directory)))
         if not self.configs:
             self.journal.event(Event.CONFIG_LOADED, "No clients defined", priority=WARNING)
 

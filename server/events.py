@@ -240,18 +240,26 @@ class CheckerNotStarted(ClientEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class ConfigLoaded(ServerEvent):
-    """clients.conf was read at start-up (``reloaded`` false) or on SIGHUP: ``clients`` are
-    the names in it, in file order, and the client table holds exactly them now."""
+    """The client files were read: clients.conf (``path``) and the files of clients.d
+    (``directory``) at start-up (``reloaded`` false) or on SIGHUP, or only clients.d after a
+    change there (``changed``).  ``files`` are the files of clients.d in force, ``clients``
+    the names in clients.conf and those files, in reading order; the client table holds them
+    now (but for clients removed over D-Bus, on a reload for a change)."""
 
     path: str
     clients: tuple[str, ...]
     reloaded: bool
+    directory: str = ""
+    files: tuple[str, ...] = ()
+    changed: bool = False
     saves_state: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConfigReloadFailed(ServerEvent):
-    """SIGHUP found a file that cannot be used; the old configuration stays."""
+    """A reload refused a file (``path``): ``error`` names it and the line, says what is
+    wrong and what stays in force instead (its previous contents, if they still fit); the
+    other files' changes apply."""
 
     path: str
     error: str

@@ -264,13 +264,19 @@ def _entry(happened: events.ServerEvent) -> _Entry | None:
             return _Entry(Event.CHECKER_FAILED, f"Checker for {client} not started: "
                           f"{happened.error}", client, key_id, priority=ERR)
         case events.ConfigLoaded():
-            verb = "Reloaded" if happened.reloaded else "Loaded"
             names = ", ".join(happened.clients) or "none"
-            return _Entry(Event.CONFIG_LOADED, f"{verb} {happened.path}: "
-                          f"{len(happened.clients)} clients ({names})")
+            files = len(happened.files)
+            if happened.changed:
+                read = f"Reloaded {happened.directory} ({files} files) after a change"
+            else:
+                read = "Reloaded" if happened.reloaded else "Loaded"
+                read += f" {happened.path}"
+                if files:
+                    read += f" and {files} files in {happened.directory}"
+            return _Entry(Event.CONFIG_LOADED,
+                          f"{read}: {len(happened.clients)} clients ({names})")
         case events.ConfigReloadFailed():
-            return _Entry(Event.CONFIG_RELOAD_FAILED, "Reload failed, keeping the old "
-                          f"configuration: {happened.error}")
+            return _Entry(Event.CONFIG_RELOAD_FAILED, happened.error)
         case events.StateWriteFailed():
             return _Entry(Event.STATE_PROBLEM, f"Cannot save the state in {happened.path}: "
                           f"{happened.reason}; the file keeps the state last saved, and a "
