@@ -128,18 +128,24 @@ class Client:
         checker after ``interval`` (or a random part of it), expiry one interval after that.
 
         A restored expiry later than that (an extended timeout still running) is kept."""
-        self._cancel(self._checker_timer)
         interval = self.settings.interval
         if randomize_start:
             delay = datetime.timedelta(
                 milliseconds=random.randrange(int(interval.total_seconds() * 1000) + 1))
         else:
             delay = interval
-        self._checker_timer = self._later(delay, self._periodic_checker)
+        self._schedule_checker(delay)
         expires = utcnow() + delay + interval
         if self.state.expires is not None and self.state.expires > expires and randomize_start:
             expires = self.state.expires
         self._set_expiry(expires)
+
+    def _schedule_checker(self, delay: datetime.timedelta | None = None) -> None:
+        """The next checker turn ``delay`` (default: ``interval``) from now, replacing the one
+        scheduled."""
+        self._cancel(self._checker_timer)
+        self._checker_timer = self._later(self.settings.interval if delay is None else delay,
+                                          self._periodic_checker)
 
     def _periodic_checker(self) -> None:
         """A checker's turn: one still running from the last turn, for at least
@@ -148,7 +154,7 @@ class Client:
         (an ssh stuck on a network glitch) disables a client that the next checker would have
         found alive.  The floor keeps a tiny ``interval`` from stopping every checker before
         its shell has even started."""
-        self._checker_timer = self._later(self.settings.interval, self._periodic_checker)
+        self._schedule_checker()
         if (self.checker_running and asyncio.get_running_loop().time() - self._checker_started
                 >= CHECKER_MIN_SECONDS):
             self.stop_checker()
@@ -235,8 +241,7 @@ class Client:
             else:
                 self._set_expiry(expires)
         if self.state.enabled and "interval" in changes and self._checker_timer is not None:
-            self._cancel(self._checker_timer)
-            self._checker_timer = self._later(self.settings.interval, self._periodic_checker)
+            self._schedule_checker()
             self.start_checker()
 
     def start_checker(self) -> None:
@@ -340,21 +345,17 @@ class Client:
             self.init_checker(randomize_start=True)
 
     def apply_settings(self, new: ClientConfig, old: ClientConfig) -> None:
-        """Apply a reloaded config section: each value that changed in the file since ``old``
-        takes effect; values changed at run time but not in the file are kept."""
-        changes = {f.name: getattr(new, f.name) for f in dataclasses.fields(new)
-                   if getattr(new, f.name) != getattr(old, f.name) and f.name != "enabled"}
-        if changes:
-            self.settings = dataclasses.replace(self.settings, **changes)
-            self._publish(events.SettingsChanged, names=tuple(changes))
+        """Apply a reloaded config section (see :func:`settings_in_force`)."""
+        self.settings, changed = settings_in_force(self.settings, old, new)
+        if changed:
+            self._publish(events.SettingsChanged, names=changed)
         if new.enabled != old.enabled:
             if new.enabled:
                 self.enable(By.CONFIG)
             else:
                 self.disable(By.CONFIG)
-        elif "interval" in changes and self.state.enabled:
-            self._cancel(self._checker_timer)
-            self._checker_timer = self._later(new.interval, self._periodic_checker)
+        elif "interval" in changed and self.state.enabled:
+            self._schedule_checker()
 
     def close(self) -> None:
         """Stop every timer and checker, and refuse waiting requests (server stop, or the
@@ -371,6 +372,17 @@ class Client:
             self.state.enabled, self.state.expires = False, None
         self.close()
         self._publish(events.ClientRemoved, by=by)
+
+
+def settings_in_force(running: ClientConfig, was: ClientConfig, now: ClientConfig
+                      ) -> tuple[ClientConfig, tuple[str, ...]]:
+    """The settings after the configuration changed from ``was`` to ``now``, and the names of
+    those that changed in it: a value changed in the file wins; every other one keeps its value
+    in force (``running``: perhaps changed at run time).  At a reload and at a restart alike
+    (the state file saves the configuration as it was read)."""
+    changed = {f.name: getattr(now, f.name) for f in dataclasses.fields(now)
+               if getattr(now, f.name) != getattr(was, f.name)}
+    return dataclasses.replace(running, **changed), tuple(changed)
 
 
 class ClientTable:

@@ -6,7 +6,8 @@ can tell which settings were changed in the file since (reference/mandos-protoco
 
 * clients no longer in the configuration are dropped, new ones start from the configuration;
 * a setting whose configured value changed since the last run takes the configured value,
-  otherwise the saved value (perhaps changed at run time) wins;
+  otherwise the saved value (perhaps changed at run time) wins
+  (:func:`server.clients.settings_in_force`, which a reload uses too);
 * an enabled client whose ``expires`` has passed stays enabled (``expires = now + timeout``)
   only if its last checker succeeded; otherwise it is disabled with a warning.
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mandos_protocol import durable
-from server.clients import Client, ClientState, utcnow
+from server.clients import Client, ClientState, settings_in_force, utcnow
 from server.config import ClientConfig, ConfigError
 
 FILENAME = "clients.json"
@@ -86,6 +87,12 @@ def _decode_settings(data: Mapping[str, Any], base: ClientConfig) -> dict[str, o
         elif type(current) is type(saved):
             values[name] = saved
     return values
+
+
+def _saved_settings(data: Mapping[str, Any], config: ClientConfig) -> ClientConfig:
+    """Saved settings (JSON form) as a ClientConfig; what is not saved (the secret) or cannot
+    be used is taken from ``config``."""
+    return dataclasses.replace(config, **_decode_settings(data, config))  # type: ignore[arg-type]
 
 
 def _datetime(value: object) -> datetime.datetime | None:
@@ -202,18 +209,12 @@ class StateFile:
             if entry is None:
                 result[name] = Restored(config, fresh_state(config, now))
                 continue
-            current = settings_to_json(config)
-            kept = _decode_settings(
-                {key: value for key, value in entry.settings.items()
-                 if key in entry.config and entry.config[key] == current.get(key)},
-                config,
-            )
-            kept.pop("enabled", None)
+            was = _saved_settings(entry.config, config)
+            settings, _ = settings_in_force(_saved_settings(entry.settings, config), was, config)
             state = dataclasses.replace(entry.state)
-            if entry.config.get("enabled") != config.enabled:
+            if was.enabled != config.enabled:
                 state.enabled = config.enabled
                 state.expires = now + config.timeout if config.enabled else None
-            settings = dataclasses.replace(config, **kept)  # type: ignore[arg-type]
             if state.enabled and (state.expires is None or state.expires <= now):
                 if state.last_checked_ok is None:
                     self.warn(f"Disabling client {name}: it never had a successful checker")
