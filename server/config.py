@@ -122,7 +122,6 @@ class ServerSettings:
     use_dbus: bool = True
     use_ipv6: bool = True
     restore: bool = True
-    foreground: bool = False
     zeroconf: bool = True
     #: Fleet state in etcd (docs/fleet.md): comma-separated URLs, or "" for none.
     etcd: str = ""
@@ -587,8 +586,9 @@ def load_server_settings(configdir: Path, overrides: Mapping[str, object]) -> Se
     }
     for key in ("etcd_cacert", "etcd_cert", "etcd_key"):
         values[key] = Path(text(key)) if text(key) else None
-    for key in ("debug", "use_dbus", "use_ipv6", "restore", "foreground", "zeroconf"):
+    for key in ("debug", "use_dbus", "use_ipv6", "restore", "zeroconf"):
         values[key] = _boolean(parser, source, section, key)
+    _boolean(parser, source, section, "foreground")  # checked as upstream; always the case
     for key, value in overrides.items():
         if value is not None:
             values[key] = value
@@ -601,7 +601,4 @@ def load_server_settings(configdir: Path, overrides: Mapping[str, object]) -> Se
     port = values["port"]
     if isinstance(port, int) and not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range 0-65535")
-    settings = ServerSettings(**values)  # type: ignore[arg-type]
-    if settings.debug:
-        settings = ServerSettings(**{**values, "foreground": True})  # type: ignore[arg-type]
-    return settings
+    return ServerSettings(**values)  # type: ignore[arg-type]

@@ -130,13 +130,14 @@ def test_server_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert settings.port == 2000
     assert settings.use_ipv6 is False
     assert settings.servicename == "Daena"
-    assert settings.debug and settings.foreground
+    assert settings.debug
     assert settings.statedir == Path("/srv/state")
 
 
 @pytest.mark.parametrize(("conf", "where"), [
     ("[DEFAULT]\nport = http\n", "[DEFAULT] port"),
     ("[DEFAULT]\nuse_ipv6 = maybe\n", "[DEFAULT] use_ipv6"),
+    ("[DEFAULT]\nforeground = maybe\n", "[DEFAULT] foreground"),
 ])
 def test_bad_server_settings(tmp_path: Path, conf: str, where: str) -> None:
     (tmp_path / "mandos.conf").write_text(conf)
