@@ -73,7 +73,7 @@ def _exchange(pairs: list[tuple[socket.socket, socket.socket]], client: Simulate
                                                   priority) as session:
                 session.handshake()
                 wire.key_id(session.peer_public_key())
-                session.send_all(client.blob)
+                wire.resumable_send(session.send, client.blob)()
                 session.bye()
         cpu["server"] = time.thread_time() - started
 

@@ -366,12 +366,6 @@ class Session(_Allocated):
         buffer = (ctypes.c_char * len(view)).from_buffer_copy(view)
         return self._call("send", self._gnutls.lib.gnutls_record_send, buffer, len(view))
 
-    def send_all(self, data: bytes) -> None:
-        """Send all of ``data`` (blocking sessions)."""
-        view = memoryview(data)
-        while view:
-            view = view[self.send(view):]
-
     def recv(self, size: int = _RECV_CHUNK) -> bytes:
         """Receive up to ``size`` bytes; ``b""`` means the peer sent close_notify."""
         if self._buffer is None or len(self._buffer) < size:

@@ -76,11 +76,6 @@ def normalize_key_id(text: str) -> str:
     return text.upper().replace(" ", "")
 
 
-def key_ids_equal(a: str, b: str) -> bool:
-    """Whether two key ids (or fingerprints) name the same key, ignoring case and spaces."""
-    return normalize_key_id(a) == normalize_key_id(b)
-
-
 def resumable_send(send: Callable[[memoryview], int], data: bytes) -> Callable[[], None]:
     """A non-blocking call sending all of ``data`` with ``send`` (a socket's or a TLS
     session's), keeping its progress across BlockingIOError, for a driver to call again on

@@ -36,7 +36,7 @@ import pytest
 
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import DEFAULT_PRIORITY, key_id
+from mandos_protocol.wire import DEFAULT_PRIORITY, key_id, resumable_send
 from password_agent.fetch import FETCH_TIMEOUT, MAX_BLOB
 from tests.conftest import UpstreamClient
 from tests.peers import upstream
@@ -194,7 +194,7 @@ def holds_back(blob: bytes, until: Callable[[], bool]) -> Serve:
             while not until():
                 if stop.wait(0.05):
                     return
-            session.send_all(blob)
+            resumable_send(session.send, blob)()
             outcome.sent = len(blob)
             session.bye(wait_for_peer=False)
     return serve

@@ -121,7 +121,7 @@ def serve_blob(fd: int, credentials: Credentials, priority: Priority, blob: byte
     with Session.for_mandos_server(fd, credentials, priority, timeout=TIMEOUT) as session:
         session.handshake()
         der = session.peer_public_key()
-        session.send_all(blob)
+        wire.resumable_send(session.send, blob)()
         session.bye()
         return der
 

@@ -75,7 +75,7 @@ class LibraryServer:
             self.seen.append(key_id)
             blob = self.blobs.get(key_id)
             if blob:
-                session.send_all(blob)
+                wire.resumable_send(session.send, blob)()
             session.bye()
 
     def __enter__(self) -> LibraryServer:

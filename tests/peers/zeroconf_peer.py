@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import PROTOCOL_LINE, key_id, key_ids_equal
+from mandos_protocol.wire import PROTOCOL_LINE, key_id, normalize_key_id, resumable_send
 
 _TLS_TIMEOUT = 5.0
 _BLOB_LIMIT = 1 << 20
@@ -59,8 +59,8 @@ def _serve(listener: socket.socket, wanted_key_id: str, secret: bytes) -> None:
                 with Session.for_mandos_server(connection.fileno(), credentials, priority,
                                                timeout=_TLS_TIMEOUT) as session:
                     session.handshake()
-                    if key_ids_equal(key_id(session.peer_public_key()), wanted_key_id):
-                        session.send_all(secret)
+                    if key_id(session.peer_public_key()) == normalize_key_id(wanted_key_id):
+                        resumable_send(session.send, secret)()
                     session.bye(wait_for_peer=False)
 
 
