@@ -1,11 +1,11 @@
 """The manual pages in ``man/`` against the code they describe.
 
 Each console script in setup.cfg has ``man/<script>.8``; its OPTIONS section documents exactly
-the options that the command's argparse parser accepts (one ``.TP`` tag per entry), and so does
-its SYNOPSIS; its NAME line names the command; groff renders it without a warning; and
-setup.cfg installs it under ``share/man/man8``.  Options hidden from ``--help``
-(``help=argparse.SUPPRESS``, test hooks such as the server's ``--journal-socket``) are not
-documented, so they are not expected.
+the options that the command's argparse parser and its subcommands' accept (one ``.TP`` tag
+per entry), and so does its SYNOPSIS; its NAME line names the command; groff renders it
+without a warning; and setup.cfg installs it under ``share/man/man8``.  Options hidden from
+``--help`` (``help=argparse.SUPPRESS``, test hooks such as the server's ``--journal-socket``)
+are not documented, so they are not expected.
 """
 
 from __future__ import annotations
@@ -61,10 +61,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def _accepted_options(command: str) -> set[str]:
-    return {option
-            for action in _parser(command)._actions
-            if action.help != argparse.SUPPRESS
-            for option in action.option_strings}
+    """The options of the command and of its subcommands (``mandos-luks bind`` ...)."""
+    parsers, options = [_parser(command)], set[str]()
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+            elif action.help != argparse.SUPPRESS:
+                options.update(action.option_strings)
+    return options
 
 
 def _page(command: str) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers.packages import PACKAGES, REPO, Build, Root, build
+from tests.peers.upstream import free_port
 
 #: apt-get without recommends (dracut would replace the host's initramfs-tools) and keeping
 #: the configuration files on disk, as an admin answers dpkg's question for clients.conf.
@@ -75,6 +76,7 @@ SERVER_FILES = ("/usr/bin/mandos-server", "/usr/bin/mandos-ctl",
                 "/usr/lib/sysusers.d/mandos-server.conf", "/usr/lib/tmpfiles.d/mandos-server.conf",
                 "/usr/share/man/man8/mandos-server.8.gz", "/usr/share/man/man8/mandos-ctl.8.gz")
 AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
+               "/usr/bin/mandos-luks",
                "/usr/lib/mandos-password-agent/password_agent/cli.py",
                "/usr/lib/mandos-password-agent/gnupg.py",
                "/usr/lib/mandos-password-agent/inotify_simple.py",
@@ -82,7 +84,8 @@ AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
                "/lib/systemd/system/mandos-password-agent.service",
                "/usr/lib/dracut/modules.d/90mandos-agent/module-setup.sh",
                "/usr/share/man/man8/mandos-password-agent.8.gz",
-               "/usr/share/man/man8/mandos-keygen.8.gz")
+               "/usr/share/man/man8/mandos-keygen.8.gz",
+               "/usr/share/man/man8/mandos-luks.8.gz")
 
 
 #: Run by the installed /usr/bin/python3 as the commands run it (-I, the private directory
@@ -147,6 +150,38 @@ cat /tmp/answer
 """
 
 
+#: The installed mandos-luks end to end, in the root: bind an image file (making the keys),
+#: its section into clients.d/, then test it against the installed server.  $1 is the port.
+#: The server is started only once bind is done, and test runs once the server listens.
+LUKS = r"""
+truncate -s 20M /root/disk.img
+printf 'admin' | cryptsetup luksFormat --batch-mode --pbkdf pbkdf2 \
+    --pbkdf-force-iterations 1000 --key-file - /root/disk.img
+mkdir -p /etc/mandos/clients.d
+printf 'admin\n' | mandos-luks bind /root/disk.img --keydir /root/luks-keys --name packaged-luks \
+    --no-ssh --section-file /etc/mandos/clients.d/packaged-luks.conf 2>/tmp/luks.log
+mandos-server --foreground --no-dbus --no-zeroconf --address ::1 --port "$1" \
+    >/tmp/server.log 2>&1 &
+server=$!
+tries=0
+until ss -Hltn "sport = :$1" | grep -q . || [ "$tries" -ge 100 ]; do
+    tries=$((tries + 1)); sleep 0.1
+done
+status=0
+mandos-luks test /root/disk.img --keydir /root/luks-keys --connect "[::1]:$1" \
+    --kernel-cmdline /dev/null 2>>/tmp/luks.log || status=$?
+kill -TERM "$server"
+wait "$server" || true
+rm -rf /root/disk.img /root/luks-keys /etc/mandos/clients.d/packaged-luks.conf
+[ "$status" = 0 ] || { cat /tmp/luks.log /tmp/server.log >&2; exit "$status"; }
+"""
+
+
+def luks_bind_and_test(root: Root) -> str:
+    """What ``mandos-luks test`` printed (see LUKS)."""
+    return root.run(f"set -- {free_port('::1')}\n{LUKS}").stdout
+
+
 def unlock(root: Root, password: str) -> str:
     """What systemd-ask-password printed (see UNLOCK)."""
     with socket.socket(socket.AF_INET6) as probe:
@@ -188,12 +223,16 @@ def check_installed(root: Root, build: Build) -> None:
         "root _mandos 640 /etc/mandos/clients.conf"]
     assert ADMIN_SECTION in root.read("/etc/mandos/clients.conf")
     assert root.stat("/etc/mandos/mandos.conf") == ("root", "root", 0o644)
+    # clients.d: shipped empty, listed only by root and the server's group.
+    assert root.stat("/etc/mandos/clients.d") == ("root", "_mandos", 0o750)
+    assert not root.lines("ls -A /etc/mandos/clients.d")
     # Not enabled by the package (the admin enables it), but Debian's mandos.service was
     # enabled, and deb-systemd-helper carries that over to ours.
     assert enabled(root, "mandos-password-agent.path") == "disabled"
     assert enabled(root, "mandos.service") == "enabled"
     # The commands run under /usr/bin/python3 from the private directories.
-    for command in ("mandos-server", "mandos-ctl", "mandos-password-agent", "mandos-keygen"):
+    for command in ("mandos-server", "mandos-ctl", "mandos-password-agent", "mandos-keygen",
+                    "mandos-luks"):
         assert "usage:" in root.run(f"{command} --help").stdout
     for package in PACKAGES:
         check_imports(root, package)
@@ -242,6 +281,7 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
         assert path in listing, path
     assert root.stat("/tmp/initrd.img") == ("root", "root", 0o600)
     assert unlock(root, "packaged-password") == "packaged-password\n"
+    assert luks_bind_and_test(root).startswith("OK: the secret from [::1]:")
 
     # Upgrade: the configuration (also as changed since), the state and the mode are kept.
     root.run("printf '\\n# changed by the admin\\n' >> /etc/mandos/mandos.conf\n"
@@ -276,6 +316,8 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
     assert not root.exists("/var/lib/mandos")
     assert not root.exists("/etc/keys/mandos")
     assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.conf || true")
+    assert not root.exists("/etc/mandos/clients.d")
+    assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.d || true")
     assert root.lines("getent passwd _mandos | cut -d: -f1") == ["_mandos"]
     # deb-systemd-helper removed the symlinks that enabled the units.
     assert not root.lines("find /etc/systemd/system -name 'mandos*'")

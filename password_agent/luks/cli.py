@@ -45,7 +45,7 @@ from password_agent.luks.proof import DEFAULT_TIMEOUT, prove
 PROG = "mandos-luks"
 _USAGE_ERROR = 2
 #: The agent's options that mean nothing to a one-off proof; accepted, not shown.
-_AGENT_ONLY = ("agent_directory", "watch", "all_requests", "run_directory", "retry")
+_AGENT_ONLY = ("agent_directory", "watch", "all_requests", "run_directory", "retry", "version")
 #: The section file holds the encrypted secret: the server's clients.conf is root's alone too.
 SECTION_MODE = 0o600
 
