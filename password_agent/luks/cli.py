@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from mandos_protocol import durable
 from mandos_protocol.coredump import forbid_core_dumps
+from mandos_protocol.version import version_line
 from password_agent import stopsignal
 from password_agent.agent import AgentConfig
 from password_agent.cli import build_parser as build_agent_parser
@@ -45,7 +46,7 @@ from password_agent.luks.proof import DEFAULT_TIMEOUT, prove
 PROG = "mandos-luks"
 _USAGE_ERROR = 2
 #: The agent's options that mean nothing to a one-off proof; accepted, not shown.
-_AGENT_ONLY = ("agent_directory", "watch", "all_requests", "run_directory", "retry", "version")
+_AGENT_ONLY = ("agent_directory", "watch", "all_requests", "run_directory", "retry")
 #: The section file holds the encrypted secret: the server's clients.conf is root's alone too.
 SECTION_MODE = 0o600
 
@@ -70,6 +71,8 @@ def _agent_options() -> _Parser:
             action.help = argparse.SUPPRESS
         elif action.dest == "timeout":
             action.help = f"give up after this long (default: {DEFAULT_TIMEOUT:g})"
+        elif isinstance(action, argparse._VersionAction):
+            action.version = version_line(PROG)
     parser.set_defaults(keydir=default_directory())
     return parser
 
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, allow_abbrev=False,
                      description="Bind a LUKS2 volume to a Mandos server, prove before a "
                                  "reboot that it would unlock, rotate or remove the binding.")
+    parser.add_argument("-V", "--version", action="version", version=version_line(PROG))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
 
