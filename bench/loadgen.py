@@ -1,15 +1,15 @@
 """A load generator that speaks the real Mandos protocol, as many clients booting at once.
 
-Each simulated client connects, sends the protocol line, performs the TLS handshake in the Mandos
-*client* role (TLS server, raw public key), reads the blob until close_notify and checks it byte
-for byte against what its ``clients.conf`` section holds.  Threads do the work: the crypto runs in
+Each simulated client connects, runs the Mandos client's side of the exchange as the agent does
+(:mod:`mandos_protocol.client`: the protocol line, the TLS handshake in the TLS server role with
+a raw public key, the blob until close_notify) and checks the blob byte for byte against what
+its ``clients.conf`` section holds.  Threads do the work: the crypto runs in
 libgnutls with the GIL released, so a few threads keep both cores busy.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import secrets
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mandos_protocol import gnutls, wire
-from mandos_protocol.errors import ProtocolError
+from mandos_protocol.client import exchange_blob
 
 
 @dataclass(frozen=True)
@@ -118,22 +118,7 @@ def unlock_once(address: tuple[str, int], client: SimulatedClient, priority: gnu
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.connect(address)
-        return client_exchange(sock, client, priority) == client.blob
-
-
-def client_exchange(sock: socket.socket, client: SimulatedClient,
-                    priority: gnutls.Priority) -> bytes:
-    """The Mandos client's side on a connected socket: the protocol line, the handshake, the
-    blob until close_notify (returned), then our close_notify."""
-    sock.sendall(wire.PROTOCOL_LINE)
-    with gnutls.Session.for_mandos_client(sock.fileno(), client.credentials,
-                                          priority) as session:
-        session.handshake()
-        blob = session.recv_all(1 << 20)
-        # The server may already be gone; the blob is what counts.
-        with contextlib.suppress(ProtocolError, BlockingIOError):
-            session.bye(wait_for_peer=False)
-    return blob
+        return exchange_blob(sock, client.credentials, priority) == client.blob
 
 
 def run_level(address: tuple[str, int], clients: list[SimulatedClient], concurrency: int,

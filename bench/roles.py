@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.loadgen import SimulatedClient, client_exchange, make_clients
+from bench.loadgen import SimulatedClient, make_clients
 from mandos_protocol import gnutls, wire
+from mandos_protocol.client import exchange_blob
 
 #: Connections made at a time (each holds two descriptors until it is used).
 BATCH = 200
@@ -80,7 +81,7 @@ def _exchange(pairs: list[tuple[socket.socket, socket.socket]], client: Simulate
     def mandos_client() -> None:
         started = time.thread_time()
         for _, client_end in pairs:
-            if client_exchange(client_end, client, priority) != client.blob:
+            if exchange_blob(client_end, client.credentials, priority) != client.blob:
                 raise SystemExit("the blob arrived damaged")
         cpu["client"] = time.thread_time() - started
 

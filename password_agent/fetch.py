@@ -1,18 +1,18 @@
 """Fetching the encrypted blob from one Mandos server, as upstream's ``mandos-client`` does.
 
-TCP connect, the protocol line ``1\\r\\n``, then TLS 1.3 in the TLS *server* role presenting our
-raw public key; the server sends the blob and close_notify.  An empty blob is a refusal.
+TCP connect, then the exchange of :mod:`mandos_protocol.client` (the protocol line, TLS 1.3 in
+the TLS *server* role presenting our raw public key, the blob until close_notify).  An empty
+blob is a refusal.
 
 The socket and the GnuTLS session are non-blocking, and every wait goes through the caller's
 ``wait`` (the :class:`~password_agent.watch.RequestWatcher`'s), which also keeps the requests
 current and acts on SIGTERM.  So one deadline bounds the whole exchange with a server (connect,
 handshake and body together): per-record timeouts let a server that sends a byte now and then
-keep the agent busy for hours.  And the blob is capped: a real one is under 2 KiB.
+keep the agent busy for hours.  And the blob is capped (:data:`mandos_protocol.client.MAX_BLOB`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
@@ -21,14 +21,11 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from mandos_protocol.client import ClientExchange
 from mandos_protocol.errors import ProtocolError
-from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import PROTOCOL_LINE, resumable_send
+from mandos_protocol.gnutls import Credentials, Priority
 from password_agent.errors import AgentError, NetworkNotUp
 from password_agent.servers import Server
-
-#: An OpenPGP-encrypted password is well under 2 KiB; anything this large is not one.
-MAX_BLOB = 64 * 1024
 
 #: How long the whole exchange with one server may take: connect, handshake and blob.
 FETCH_TIMEOUT = 10.0
@@ -109,25 +106,6 @@ def _connect(server: Server, exchange: _Exchange) -> socket.socket:
     raise AgentError(f"cannot connect to {server}: {reason}")
 
 
-def _receive_blob(session: Session, server: Server) -> Callable[[], bytes]:
-    """A non-blocking call collecting the blob until close_notify; past MAX_BLOB bytes it
-    fails at once instead of reading on."""
-    chunks: list[bytes] = []
-    total = 0
-
-    def attempt() -> bytes:
-        nonlocal total
-        while chunk := session.recv():
-            total += len(chunk)
-            if total > MAX_BLOB:
-                raise AgentError(f"{server} sent more than {MAX_BLOB} bytes; a real blob "
-                                 "is under 2 KiB")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    return attempt
-
-
 def fetch_blob(server: Server, credentials: Credentials, priority: Priority, wait: Wait, *,
                timeout: float = FETCH_TIMEOUT) -> bytes:
     """The blob ``server`` sends us (``b""`` if it refused) within ``timeout`` seconds;
@@ -138,15 +116,12 @@ def fetch_blob(server: Server, credentials: Credentials, priority: Priority, wai
     with connection:
         try:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            exchange.drive(resumable_send(connection.send, PROTOCOL_LINE), fd, lambda: True)
-            with Session.for_mandos_client(fd, credentials, priority,
-                                           nonblocking=True) as session:
-                exchange.drive(session.handshake, fd, lambda: session.want_write)
-                blob = exchange.drive(_receive_blob(session, server), fd,
-                                      lambda: session.want_write)
-                with contextlib.suppress(ProtocolError, BlockingIOError):
-                    # The blob is complete; the server may have gone already.
-                    session.bye(wait_for_peer=False)
+            with ClientExchange(fd, connection.send, credentials, priority,
+                                nonblocking=True) as client:
+                exchange.drive(client.send_protocol_line, fd, lambda: True)
+                exchange.drive(client.handshake, fd, lambda: client.want_write)
+                blob = exchange.drive(client.receive_blob, fd, lambda: client.want_write)
+                client.close_notify()
         except OSError as error:
             raise AgentError(f"talking to {server} failed: {error.strerror or error}") from None
         except ProtocolError as error:

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import pytest
 
+from mandos_protocol.client import MAX_BLOB
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
 from mandos_protocol.wire import DEFAULT_PRIORITY, key_id, resumable_send
-from password_agent.fetch import FETCH_TIMEOUT, MAX_BLOB
+from password_agent.fetch import FETCH_TIMEOUT
 from tests.conftest import UpstreamClient
 from tests.peers import upstream
 from tests.peers.agent import AgentHarness, AgentRun

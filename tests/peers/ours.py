@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from mandos_protocol.gnutls import Credentials, Priority, Session
-from mandos_protocol.wire import PROTOCOL_LINE
+from mandos_protocol.client import exchange_blob
+from mandos_protocol.gnutls import Credentials, Priority
 from tests.peers.leaks import WATCH
 from tests.peers.upstream import KeySet, free_port, listening_ports
 
@@ -229,12 +229,7 @@ def fetch(keys: KeySet, address: str, port: int, timeout: float = 5.0) -> bytes:
             Priority() as priority:
         sock.settimeout(timeout)
         sock.connect((address, port))
-        sock.sendall(PROTOCOL_LINE)
-        with Session.for_mandos_client(sock.fileno(), creds, priority, timeout=timeout) as tls:
-            tls.handshake()
-            data = tls.recv_all(1 << 20)
-            tls.bye()
-            return data
+        return exchange_blob(sock, creds, priority, timeout=timeout)
 
 
 def clients_conf(*sections: str, defaults: str = "checker = /bin/true\n") -> str:
