@@ -8,7 +8,8 @@ the message may carry text from elsewhere; a key that matters appearing twice (`
 could forge one) makes the whole request ambiguous, and it is ignored.
 
 Every rule that makes the agent ignore a request yields one human-readable reason, which the
-caller logs once.  Facts: /work/shared/reference/systemd.md B1.
+caller logs once.  The format is the one systemd 252's ``systemd-ask-password`` writes, which the
+tests drive for real (tests/peers/ask.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The agent imports this module only when it has no ``--connect`` list, because importing
 python-zeroconf costs about 40 ms of the initramfs' time.  The browser listens over IPv6 and IPv4
 (``IPVersion.All``): upstream's server announces over IPv6 only (unless ``--no-ipv6``), with only
-its link-local address, so an IPv4-only browser would never see it (``reference/zeroconf.md``).
+its link-local address (avahi-daemon publishes no A record on the IPv6 link), so an IPv4-only
+browser would never see it.
 Link-local addresses come back with their ``%scope`` (``parsed_scoped_addresses()``), which
 ``socket.create_connection`` understands.  Upstream's empty TXT record shows up as
 ``{b'': None}`` and is ignored, as upstream's client ignores it.

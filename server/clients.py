@@ -1,6 +1,6 @@
 """A client's life: enabled until it expires, kept alive by checkers, gated by approvals.
 
-This follows upstream Mandos 1.8 (reference/mandos-protocol.md §6):
+This follows upstream Mandos 1.8's server (its ``Client`` class):
 
 * an enabled client runs its checker every ``interval`` (the first one after a random delay in
   ``[0, interval]`` at start-up, so that many clients do not all check at once), one at a time;

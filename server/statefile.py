@@ -2,7 +2,8 @@
 
 ``<statedir>/clients.json`` (mode 0600) holds, per client, its :class:`ClientState`, the
 settings in force and the configuration as it was read, so that at the next start the merge
-can tell which settings were changed in the file since (reference/mandos-protocol.md §7):
+can tell which settings were changed in the file since, by upstream's merge rules (its server
+restores its own ``clients.pickle`` the same way):
 
 * clients no longer in the configuration are dropped, new ones start from the configuration;
 * a setting whose configured value changed since the last run takes the configured value,

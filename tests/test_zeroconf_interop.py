@@ -7,8 +7,9 @@
   ``mandos`` with zeroconf on, through an avahi-daemon in the server's namespace), and the blob
   fetched from the browsed address is the section's secret.
 
-Our ends run as programs in the namespaces (:mod:`tests.peers.zeroconf_peer`); recipes and
-timings are in /work/shared/reference/zeroconf.md.
+Our ends run as programs in the namespaces (:mod:`tests.peers.zeroconf_peer`).  An
+announcement is found about 0.1 s after a browser starts, once the first second after
+registration (probing, one announcement per second) is over.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 There is no PID-1 systemd (and no journald) on the build machines, and a test must not write to a
 host journal anyway.  So journald runs under ``unshare -m --propagation private`` with tmpfs
 mounted on ``/run/systemd``, ``/run/log`` and ``/var/log/journal`` *inside* that namespace
-(reference/systemd.md B3).  From outside, its sockets and files are reachable through
-``/proc/<pid>/root``: :attr:`PrivateJournal.socket_path` is the native-protocol socket to give
-to the code under test, :meth:`PrivateJournal.entries` reads the journal back with
-``journalctl --directory``.  Programs that hardcode ``/run/systemd/journal/socket`` can run
-inside the namespace via :meth:`PrivateJournal.inside`.
+(journald binds its sockets there itself within some 30 ms).  From outside, its sockets and
+files are reachable through ``/proc/<pid>/root``: :attr:`PrivateJournal.socket_path` is the
+native-protocol socket to give to the code under test, :meth:`PrivateJournal.entries` reads
+the journal back with ``journalctl --directory``.  Programs that hardcode
+``/run/systemd/journal/socket`` can run inside the namespace via :meth:`PrivateJournal.inside`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@
   forks dies with it.
 * :func:`run_upstream_client` runs the real ``mandos-client`` against ``--connect``.
 
-Facts behind this: /work/shared/reference/mandos-protocol.md §15.
+Upstream's server opens the system D-Bus even with ``--no-dbus``, so it always gets a private
+``dbus-daemon`` (never the host's bus), and it drops privileges to ``_mandos``, so its state
+directory is writable by that user.  ``mandos-client`` retries a refusal forever: it runs under
+a timeout.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Zeroconf peers for tests: our announcing programs (:mod:`tests.peers.zeroconf_peer`) run in a
 network namespace, a private avahi-daemon for upstream's own announcement, and a browser that
-waits for names to appear.  Recipes and timings are in /work/shared/reference/zeroconf.md."""
+waits for names to appear.  avahi-daemon runs with a private tmpfs on /run (its pid file and
+socket stay off the host) and its startup takes about a second."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Everything lives in one cache directory (``MANDOS_TEST_VM_CACHE``, default
 /var/cache/mandos-agent-vm) and is rebuilt only when what it is made from changes: the
 initramfs's name carries a hash of its inputs (our module, every Python file the agent needs,
 the keys, the kernel, dracut's version).  Nothing is installed on the host: the kernel and
-busybox-static are only downloaded and unpacked (the recipe: /work/shared/reference/vm-boot.md);
+busybox-static are only downloaded and unpacked (``apt-get download``, ``dpkg-deb -x``);
 dracut runs from a private copy of its base directory, so /usr/lib/dracut is never modified.
 The disk is made without mounts, loop devices or device-mapper: mkfs.ext4 -d, then cryptsetup's
 offline in-place encryption.

@@ -3,8 +3,8 @@
 forwarded port on host loopback (tests/vm/hostroot.py adds the host's root file system instead).
 
 KVM is used only where it really works: on the build machines /dev/kvm is kvm_pvm, which hangs
-a stock kernel, so TCG is the normal mode (about 14 s to an unlocked root; see
-/work/shared/reference/vm-boot.md).
+a stock kernel, so TCG is the normal mode (``-cpu max -smp 2 -m 1024``: about 14 s to an
+unlocked root).
 """
 
 from __future__ import annotations
