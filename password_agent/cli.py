@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_protocol.coredump import forbid_core_dumps
 from mandos_protocol.version import version_line
+from password_agent import log as agentlog
 from password_agent import stopsignal
 from password_agent.agent import Agent, AgentConfig
 from password_agent.cmdline import DEFAULT_CMDLINE, read_cmdline
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernel-cmdline", type=Path, default=DEFAULT_CMDLINE, metavar="FILE",
                         help="kernel command line to honour mandos= and ip= from "
                              "(default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="log more")
+    parser.add_argument("--debug", action="store_true",
+                        help="log more (as SYSTEMD_LOG_LEVEL=debug, which is honoured too)")
     parser.add_argument("-V", "--version", action="version",
                         version=version_line("mandos-password-agent"))
     return parser
@@ -131,8 +132,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> AgentConfig | None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     forbid_core_dumps()  # the password and the private keys pass through this process
-    logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.INFO,
-                        format="mandos-password-agent: %(message)s", stream=sys.stderr)
+    agentlog.setup(arguments.debug)
     stopsignal.install()
     try:
         config = config_from_arguments(arguments)
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return Agent(config).run()
     except AgentError as error:
-        print(f"mandos-password-agent: error: {error}", file=sys.stderr)
+        log.error("error: %s", error)
         return 1
     except stopsignal.Terminated as stop:
         log.info("terminated by %s; exiting", stop)
