@@ -86,12 +86,14 @@ class CheckerResult:
         return self.status == 0
 
 
-async def run(command: str, *, show_output: bool = False) -> CheckerResult:
-    """Run ``command`` to completion.  Cancelling this kills the checker's process group."""
+async def run(command: str, *, show_output: bool = False,
+              env: Mapping[str, str] | None = None) -> CheckerResult:
+    """Run ``command`` to completion (``env``: its environment, default the server's).
+    Cancelling this kills the command's process group.  The approval command runs so too."""
     output = None if show_output else asyncio.subprocess.DEVNULL
     process = await asyncio.create_subprocess_exec(
         "/bin/sh", "-c", command, stdin=asyncio.subprocess.DEVNULL, stdout=output,
-        stderr=output, cwd="/", start_new_session=True,
+        stderr=output, cwd="/", start_new_session=True, env=env,
     )
     try:
         code = await process.wait()

@@ -45,6 +45,7 @@ CLIENT_DEFAULTS: Mapping[str, str] = {
     "approval_duration": "PT1S",
     "approved_by_default": "True",
     "enabled": "True",
+    "approval_command": "",
 }
 
 #: Upstream's defaults for mandos.conf (``server_defaults`` in ``main()``).
@@ -103,6 +104,8 @@ class ClientConfig:
     approval_delay: datetime.timedelta
     approval_duration: datetime.timedelta
     enabled: bool
+    #: Ours: a shell command run when a request needs approval (server.approval_command).
+    approval_command: str = ""
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ def _get(parser: configparser.ConfigParser, source: _Source, section: str, key: 
     try:
         value = parser.get(section, key)
     except configparser.Error as error:
-        detail = ("cannot expand a % in it (write %% for a literal %)" if key == "secret"
+        detail = ("cannot expand a % in it (write %% for a literal %)"
+                  if key in ("secret", "approval_command")  # a webhook's token, perhaps
                   else _one_line(error))
         raise ConfigError(f"{source.where(section, key)}: {detail}") from None
     if "\0" in value:
@@ -352,6 +356,7 @@ def parse_client(parser: configparser.ConfigParser, source: _Source, name: str) 
         approval_delay=_duration(parser, source, name, "approval_delay"),
         approval_duration=_duration(parser, source, name, "approval_duration"),
         enabled=_boolean(parser, source, name, "enabled"),
+        approval_command=_get(parser, source, name, "approval_command"),
     )
 
 

@@ -26,6 +26,7 @@ from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Priority
 from mandos_protocol.notify import Notifier
 from server import events, systemd
+from server.approval_command import ApprovalCommands
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import (
     CLIENTS_D,
@@ -63,6 +64,8 @@ class Daemon:
         self.notifier = Notifier()
         self.statefile = StateFile(settings.statedir, self._state_warning)
         self.clients = ClientTable()
+        self.approval_commands = ApprovalCommands(self.clients, self.events,
+                                                  show_output=settings.debug)
         self.configs: dict[str, ClientConfig] = {}
         #: The client files in force (clients.conf, clients.d/*.conf), for the next reload.
         self.configuration: ClientsConfiguration | None = None
@@ -184,6 +187,7 @@ class Daemon:
         self.watch.close()
         if self.listener is not None:
             await self.listener.stop()
+        await self.approval_commands.close()
         for client in self.clients:
             client.close()
         if self.announcer is not None:

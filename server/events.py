@@ -236,6 +236,33 @@ class CheckerNotStarted(ClientEvent):
     error: str
 
 
+# -- approval commands (server.approval_command) -------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ApprovalCommandStarted(ClientEvent):
+    """The client's ``approval_command`` runs for a request from ``peer``; it has until
+    ``timeout`` seconds to finish."""
+
+    peer: str
+    timeout: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApprovalCommandFinished(ClientEvent):
+    """The approval command ended: ``status`` 0 is success; -1 with ``signal`` if a signal
+    killed it; ``timed_out`` if it was killed at its timeout; ``error`` if it could not be
+    started at all (status -1)."""
+
+    status: int
+    signal: int | None = None
+    timed_out: bool = False
+    error: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == 0 and not self.timed_out
+
+
 # -- the server -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,6 +44,12 @@ class Event(enum.Enum):
     REFUSED_DENIED = ("refused-denied", "2f6a3aa44c4b4ab7a4d31c1ee1d54b36", WARNING)
     APPROVAL_TIMED_OUT = ("approval-timed-out", "269c2ace7a7e40799e7c19184f49e9a4", WARNING)
     NEEDS_APPROVAL = ("needs-approval", "2be50666ac8b4c92b6700c0698da90ba", NOTICE)
+    APPROVAL_COMMAND_STARTED = ("approval-command-started", "c3da830eb4114f0983d378ed15d86c30",
+                                INFO)
+    APPROVAL_COMMAND_SUCCEEDED = ("approval-command-succeeded",
+                                  "705f6952153d46119f0f36a368a0be63", INFO)
+    APPROVAL_COMMAND_FAILED = ("approval-command-failed", "27c45677588a440495af7330276b39ed",
+                               WARNING)
     CONNECTION_FAILED = ("connection-failed", "32021c68407c47bd8421190dd0c153bb", INFO)
     CONNECTION_FLOOD = ("connection-flood", "3bfd992aba0e4141b0c58feab0f14f61", WARNING)
     CLIENT_ENABLED = ("client-enabled", "ee6d22a96f7848cc8d086bddff059889", INFO)
@@ -206,6 +212,26 @@ _REFUSALS: Mapping[events.Refusal, tuple[Event, str]] = {
 }
 
 
+def _approval_command_entry(happened: events.ApprovalCommandFinished) -> _Entry:
+    """The command itself is not logged: it may hold a webhook's token."""
+    client, key_id = happened.client, happened.key_id
+    status = {"status": str(happened.status)}
+    if happened.succeeded:
+        return _Entry(Event.APPROVAL_COMMAND_SUCCEEDED, f"The approval command of {client} "
+                      "succeeded", client, key_id, fields=status)
+    if happened.timed_out:
+        why = "timed out and was killed"
+    elif happened.error:
+        why = f"could not be started: {happened.error}"
+    elif happened.signal is not None:
+        why = f"was killed by signal {happened.signal}"
+        status["signal"] = str(happened.signal)
+    else:
+        why = f"failed with status {happened.status}"
+    return _Entry(Event.APPROVAL_COMMAND_FAILED, f"The approval command of {client} {why}",
+                  client, key_id, fields=status)
+
+
 def _entry(happened: events.ServerEvent) -> _Entry | None:
     """The journal entry of an event (None: an event the journal does not show)."""
     client = key_id = None
@@ -263,6 +289,12 @@ def _entry(happened: events.ServerEvent) -> _Entry | None:
         case events.CheckerNotStarted():
             return _Entry(Event.CHECKER_FAILED, f"Checker for {client} not started: "
                           f"{happened.error}", client, key_id, priority=ERR)
+        case events.ApprovalCommandStarted():
+            return _Entry(Event.APPROVAL_COMMAND_STARTED, f"Running the approval command of "
+                          f"{client} (killed after {happened.timeout:g} s)", client, key_id,
+                          happened.peer)
+        case events.ApprovalCommandFinished():
+            return _approval_command_entry(happened)
         case events.ConfigLoaded():
             names = ", ".join(happened.clients) or "none"
             files = len(happened.files)
