@@ -16,11 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_protocol.coredump import forbid_core_dumps
+from mandos_protocol.version import version_line
 from server.config import ConfigError, load_server_settings
 from server.daemon import Daemon
 from server.journal import DEBUG, DEFAULT_SOCKET, INFO, LEVELS, Event, Journal
-
-VERSION = "1.8.16"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with TLS raw public keys, as long as they stay online.",
     )
     add = parser.add_argument
-    add("-v", "--version", action="version", version=f"%(prog)s {VERSION}")
+    add("-v", "--version", action="version", version=version_line("mandos-server"))
     add("-i", "--interface", metavar="IF", help="bind to network interface IF")
     add("-a", "--address", help="address to listen for requests on")
     add("-p", "--port", type=int, help="port number to receive requests on")

@@ -55,7 +55,8 @@ from password_agent.asks import (
 from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable, utcnow
 from server.config import DEBUG_LEVELS, ConfigError, load_clients, load_server_settings
-from server.dbus_api import BUS_NAME, CLIENT_INTERFACE, AdminBus, AdminService, object_path
+from server.dbus_api import AdminBus, AdminService, object_path
+from server.dbus_names import BUS_NAME, CLIENT_INTERFACE
 from server.journal import Event, Journal, journalled_publisher
 from server.listener import protocol_line_reader
 from server.statefile import fresh_state
