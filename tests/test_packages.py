@@ -104,7 +104,7 @@ for name, module in sorted(sys.modules.items()):
         print(name, module.__file__)
 """
 #: What each package's modules must get from its private directory, and from Debian.
-PRIVATE = {"mandos-server": {"zeroconf", "ifaddr", "dbus_fast", "sdnotify"},
+PRIVATE = {"mandos-server": {"zeroconf", "ifaddr", "dbus_fast", "sdnotify", "inotify_simple"},
            "mandos-password-agent": {"zeroconf", "ifaddr", "gnupg", "inotify_simple",
                                      "sdnotify"}}
 FROM_DEBIAN = {"mandos-server": set(), "mandos-password-agent": {"cryptography"}}
@@ -226,6 +226,9 @@ def check_installed(root: Root, build: Build) -> None:
     # clients.d: shipped empty, listed only by root and the server's group.
     assert root.stat("/etc/mandos/clients.d") == ("root", "_mandos", 0o750)
     assert not root.lines("ls -A /etc/mandos/clients.d")
+    # clients.d: shipped empty, listed only by root and the server's group.
+    assert root.stat("/etc/mandos/clients.d") == ("root", "_mandos", 0o750)
+    assert not root.lines("ls -A /etc/mandos/clients.d")
     # Not enabled by the package (the admin enables it), but Debian's mandos.service was
     # enabled, and deb-systemd-helper carries that over to ours.
     assert enabled(root, "mandos-password-agent.path") == "disabled"
@@ -316,6 +319,8 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
     assert not root.exists("/var/lib/mandos")
     assert not root.exists("/etc/keys/mandos")
     assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.conf || true")
+    assert not root.exists("/etc/mandos/clients.d")
+    assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.d || true")
     assert not root.exists("/etc/mandos/clients.d")
     assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.d || true")
     assert root.lines("getent passwd _mandos | cut -d: -f1") == ["_mandos"]
