@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run in the foreground (always the case; accepted for compatibility)")
     add("--no-zeroconf", action="store_false", dest="zeroconf", default=None,
         help="do not announce the service with Zeroconf")
+    add("--etcd", metavar="URL[,URL...]",
+        help="share the clients' state with other servers through these etcd endpoints "
+        "(docs/fleet.md)")
+    add("--etcd-prefix", metavar="PREFIX", help="key prefix in etcd (default: /mandos/)")
+    add("--etcd-cacert", type=Path, metavar="FILE", help="CA certificate of the etcd cluster")
+    add("--etcd-cert", type=Path, metavar="FILE", help="client certificate for etcd")
+    add("--etcd-key", type=Path, metavar="FILE", help="key of the client certificate for etcd")
     add("--journal-socket", type=Path,
         default=Path(os.environ.get("MANDOS_JOURNAL_SOCKET", str(DEFAULT_SOCKET))),
         help=argparse.SUPPRESS)
@@ -68,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: getattr(options, name)
         for name in ("interface", "address", "port", "debug", "debuglevel", "priority",
                      "servicename", "use_dbus", "use_ipv6", "restore", "socket",
-                     "zeroconf")
+                     "zeroconf", "etcd", "etcd_prefix", "etcd_cacert", "etcd_cert", "etcd_key")
     }
     if options.statedir is not None:
         overrides["statedir"] = Path(options.statedir)

@@ -62,8 +62,11 @@ class Client:
     """
 
     def __init__(self, settings: ClientConfig, state: ClientState,
-                 publisher: events.Publisher, *, show_checker_output: bool = False) -> None:
+                 publisher: events.Publisher, *, show_checker_output: bool = False,
+                 checks_here: Callable[[str], bool] = lambda _name: True) -> None:
         self.settings = settings
+        #: Whether this server runs the client's periodic checker (in a fleet, one does).
+        self.checks_here = checks_here
         self.state = state
         self.events = publisher
         self.show_checker_output = show_checker_output
@@ -155,6 +158,8 @@ class Client:
         found alive.  The floor keeps a tiny ``interval`` from stopping every checker before
         its shell has even started."""
         self._schedule_checker()
+        if not self.checks_here(self.name):
+            return  # another server of the fleet checks it, and shares the result
         if (self.checker_running and asyncio.get_running_loop().time() - self._checker_started
                 >= CHECKER_MIN_SECONDS):
             self.stop_checker()

@@ -45,6 +45,7 @@ from server.statefile import StateFile
 if TYPE_CHECKING:  # imported lazily at run time: python-zeroconf and dbus-fast cost 40 ms
     from server.announce import Announcer
     from server.dbus_api import AdminService
+    from server.fleet import FleetSync
 
 #: Seconds from a state change to the write that saves it (and every change made meanwhile).
 SAVE_DELAY = 0.5
@@ -77,6 +78,7 @@ class Daemon:
         self.listener: Listener | None = None
         self.announcer: Announcer | None = None
         self.dbus: AdminService | None = None
+        self.fleet: FleetSync | None = None
         self._save_timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Future[None] | None = None
         #: Why the last write of the state failed; None once one succeeds.
@@ -106,7 +108,11 @@ class Daemon:
                             use_ipv6=self.settings.use_ipv6, interface=self.settings.interface)]
 
     def _make_client(self, settings: ClientConfig, state: ClientState) -> Client:
-        return Client(settings, state, self.events, show_checker_output=self.settings.debug)
+        return Client(settings, state, self.events, show_checker_output=self.settings.debug,
+                      checks_here=self._checks_here)
+
+    def _checks_here(self, name: str) -> bool:
+        return self.fleet is None or self.fleet.owns_checker(name)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop."""
@@ -144,6 +150,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             self.listener.start()
+            await self._join_fleet(self.listener.port)
             if self.settings.zeroconf:
                 await self._announce(self.listener.port)
             self._save_now()
@@ -157,6 +164,24 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
+
+    async def _join_fleet(self, port: int) -> None:
+        """With ``--etcd``: share the clients' state with the other servers (docs/fleet.md)."""
+        if not self.settings.etcd:
+            return
+        from server.fleet import FleetSync  # lazy: gRPC costs 100 ms to import
+        from server.fleet_store import FleetSettings
+
+        settings = FleetSettings.from_server(self.settings)
+        assert settings is not None
+
+        def log(message: str, problem: bool) -> None:
+            self.journal.event(Event.FLEET, message, priority=WARNING if problem else NOTICE)
+
+        self.fleet = FleetSync(settings, self.clients, f"{socket.gethostname()}:{port}",
+                               log=log, on_status=self._update_status)
+        self.fleet.subscribe(self.events)
+        await self.fleet.start()
 
     async def _announce(self, port: int) -> None:
         from server.announce import Announcer  # lazy: python-zeroconf costs 40 ms to import
@@ -187,6 +212,8 @@ class Daemon:
         self.watch.close()
         if self.listener is not None:
             await self.listener.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.approval_commands.close()
         for client in self.clients:
             client.close()
@@ -276,6 +303,9 @@ class Daemon:
             line = f"STATE FILE DAMAGED, all clients disabled at start; {line}"
         if self._save_failure is not None:
             line = f"CANNOT SAVE STATE ({self._save_failure}); {line}"
+        fleet = self.fleet.status() if self.fleet is not None else None
+        if fleet is not None:
+            line = f"{fleet}; {line}"
         if sent:
             stamp, name = max(sent)
             line += f"; last secret sent to {name} at {stamp.strftime('%Y-%m-%d %H:%M:%S')}Z"

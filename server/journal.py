@@ -65,6 +65,7 @@ class Event(enum.Enum):
     SERVER_STOPPING = ("server-stopping", "88c915dcadec4397a8e46a6dc4844024", INFO)
     ZEROCONF = ("zeroconf", "2a481bb2fcae40b2ade7a8d8905f1182", INFO)
     SERVER_ERROR = ("server-error", "e8af17faa061477bb2ced5398b03ab93", ERR)
+    FLEET = ("fleet", "7715bc8ea4c14693af44c3f0a2e8a4c3", NOTICE)
 
     @property
     def label(self) -> str:
