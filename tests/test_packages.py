@@ -226,9 +226,6 @@ def check_installed(root: Root, build: Build) -> None:
     # clients.d: shipped empty, listed only by root and the server's group.
     assert root.stat("/etc/mandos/clients.d") == ("root", "_mandos", 0o750)
     assert not root.lines("ls -A /etc/mandos/clients.d")
-    # clients.d: shipped empty, listed only by root and the server's group.
-    assert root.stat("/etc/mandos/clients.d") == ("root", "_mandos", 0o750)
-    assert not root.lines("ls -A /etc/mandos/clients.d")
     # Not enabled by the package (the admin enables it), but Debian's mandos.service was
     # enabled, and deb-systemd-helper carries that over to ours.
     assert enabled(root, "mandos-password-agent.path") == "disabled"
@@ -319,8 +316,6 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
     assert not root.exists("/var/lib/mandos")
     assert not root.exists("/etc/keys/mandos")
     assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.conf || true")
-    assert not root.exists("/etc/mandos/clients.d")
-    assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.d || true")
     assert not root.exists("/etc/mandos/clients.d")
     assert not root.lines("dpkg-statoverride --list /etc/mandos/clients.d || true")
     assert root.lines("getent passwd _mandos | cut -d: -f1") == ["_mandos"]
