@@ -11,12 +11,16 @@ from __future__ import annotations
 import base64
 import datetime
 import signal
+import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from server.config import ConfigError, load_configuration
+from server.config import ConfigError, load_configuration, read_client_file
 from tests.conftest import Keys
 from tests.peers.journald import PrivateJournal
 from tests.peers.ours import OurServer, clients_conf, fetch
@@ -198,6 +202,82 @@ def test_reload_of_clients_d_only_keeps_clients_conf_as_read(configdir: Path) ->
     assert list(load_configuration(configdir, first, clients_conf=False).clients) == \
         ["foo", "bar"]
     assert list(load_configuration(configdir, first).clients) == ["bar"]
+
+
+#: What a generated file may hold: clients sharing names, key ids and fingerprints, values
+#: that are refused, syntax errors, a [DEFAULT] with a bad value.
+PIECES = (
+    *(section(name, key) for name in ("x", "y") for key in (KEY_A, KEY_B)),
+    section("z", KEY_C, fingerprint=KEY_A), f"[w]\nfingerprint = {KEY_A}\nsecret = AAAA\n",
+    section("y", KEY_C, timeout="soon"), "[v]\nkey_id = 00\n", "garbage line\n",
+    "[DEFAULT]\ninterval = PT9M\n", "[DEFAULT]\ninterval = never\n",
+)
+FILES = ("clients.conf", "clients.d/a.conf", "clients.d/b.conf", "clients.d/c.conf")
+#: One reload's changes: for some files, new contents (pieces joined) or None (removed).
+steps = st.lists(st.dictionaries(st.sampled_from(FILES), st.one_of(
+    st.none(), st.lists(st.sampled_from(PIECES), max_size=3).map("\n".join))),
+    min_size=1, max_size=6)
+
+
+def test_any_sequence_of_changes() -> None:
+    """Files written, broken, removed, made to clash, reload after reload: a reload never
+    raises; names, key ids and fingerprints stay unique; a file is in force with its new
+    contents unless refused, then with its previous ones or not at all; a refusal is one
+    line; clients.conf's [DEFAULT] reaches the files of clients.d."""
+    reloads: Counter[str] = Counter()
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(steps)
+    def check(changes: list[dict[str, str | None]]) -> None:
+        one_sequence(changes, reloads)
+
+    check()
+    print(f"400 sequences: {dict(reloads)}")
+    assert reloads["clashes"] and reloads["refused files"] > reloads["clashes"]
+
+
+def one_sequence(changes: list[dict[str, str | None]], reloads: Counter[str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="mandos-test-clientsd-") as name:
+        configdir = Path(name)
+        (configdir / "clients.conf").write_text(section("first", "D" * 64))
+        configuration = load_configuration(configdir)
+        for change in changes:
+            for relative, text in change.items():
+                path = configdir / relative
+                if text is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    write(path, text)
+            previous = {file.path: file for file in configuration.files}
+            configuration = load_configuration(configdir, configuration)
+            refused = {problem.path for problem in configuration.problems}
+            reloads["reloads"] += 1
+            reloads["refused files"] += len(refused)
+            reloads["clashes"] += sum("the same as" in p.message or "has a client" in p.message
+                                      for p in configuration.problems)
+            reloads["clients in force"] += len(configuration.clients)
+            assert all("\n" not in problem.message for problem in configuration.problems)
+            in_force = [file.path for file in configuration.files]
+            assert in_force[0] == configdir / "clients.conf"
+            assert in_force[1:] == sorted(in_force[1:])
+            seen: set[tuple[str, str]] = set()
+            for file in configuration.files:
+                for client in file.clients.values():
+                    for identity in (("name", client.name), ("key_id", client.key_id),
+                                     ("fingerprint", client.fingerprint)):
+                        assert identity[1] == "" or identity not in seen, (identity, file.path)
+                        seen.add(identity)
+                if file.path in refused:
+                    assert file is previous[file.path]
+                elif file.path.exists():  # else clients.conf gone, and refused
+                    fresh = read_client_file(file.path, configdir, configuration.files[0])
+                    assert file.clients == fresh.clients
+            for relative in FILES[1:]:
+                path = configdir / relative
+                if path.exists() and path not in refused:
+                    assert path in in_force
+                if not path.exists():
+                    assert path not in in_force
 
 
 # --- our server ------------------------------------------------------------------------------
