@@ -61,8 +61,19 @@ check() {
     return 0
 }
 
+# The network comes from the handler the image has already (network-manager, ...), else from
+# systemd-networkd, which the service pulls up.  Not dracut's "network" module: its hooks
+# (interface renaming rules before udev, DHCP root parsing) serve network root file systems;
+# under a slow CPU its pre-udev hook alone held udev, and so the disk's request, back 0.7 s.
 depends() {
-    echo systemd systemd-ask-password crypt network
+    local handler
+    for handler in network-manager network-legacy connman network-wicked systemd-networkd; do
+        if dracut_module_included "$handler"; then
+            echo systemd systemd-ask-password crypt
+            return 0
+        fi
+    done
+    echo systemd systemd-ask-password crypt systemd-networkd
     return 0
 }
 
