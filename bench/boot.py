@@ -2,11 +2,11 @@
 same base image, in one run (issue 11's table).
 
 The initramfs images are built in throwaway copies of this host's root (tests/vm/images.py),
-for the same kernel, the same dracut modules and the same slim network drivers: ours (the
-``mandos-password-agent`` package built from this tree, a generic image), upstream's (Debian's
-``mandos-client`` and its ``90mandos`` module, which builds only host-only images), and the
-base without any Mandos module, once generic and once host-only.  The growth of each over its
-base is what it adds.
+for the same kernel, the same dracut modules and the same slim network drivers: upstream's
+(Debian's ``mandos-client`` and its ``90mandos`` module, which builds only host-only images),
+ours (the ``mandos-password-agent`` package built from this tree) host-only as well, so that
+both boot the same base, and the base without any Mandos module.  The growth of each over the
+base is what it adds; ours is also shown as the tests boot it, generic, over the generic base.
 
 Then the same LUKS disk boots with each, interleaved, ``--runs`` times, on the bridged LAN of
 tests/vm/lan.py, IPv6 link-local only, finding our server by Zeroconf as most sites do.  Read
@@ -54,15 +54,26 @@ class Flavour:
         return self.image.stat().st_size
 
 
-def base_images(vm: images.VmImages, work: Path) -> tuple[int, int]:
-    """The sizes of the initramfs without any Mandos module, built as ours is (generic) and
-    as upstream's is (host-only), for the growth of each."""
+@dataclass(frozen=True)
+class Bases:
+    """The sizes of the initramfs without any Mandos module, generic and host-only."""
+
+    generic: int
+    hostonly: int
+
+
+def hostonly_images(vm: images.VmImages, client_deb: Path, work: Path) -> tuple[Path, Bases]:
+    """Ours built host-only, as upstream's must be, and the bases without any Mandos module,
+    all in one throwaway root with our package installed."""
     sizes = []
-    with images.client_root(work, vm.kernel, vm.keydir, None) as root:
+    ours = work / "ours-hostonly.img"
+    with images.client_root(work, vm.kernel, vm.keydir, client_deb) as root:
         for hostonly in (False, True):
             images.run_dracut(root, vm.kernel, "/tmp/base.img", module=None, hostonly=hostonly)
             sizes.append(int(root.run("stat -c %s /tmp/base.img").stdout))
-    return sizes[0], sizes[1]
+        images.run_dracut(root, vm.kernel, "/tmp/ours.img", hostonly=True)
+        root.run(f"cp {root.root}/tmp/ours.img {ours}", chroot=False)
+    return ours, Bases(*sizes)
 
 
 def boot(flavour: Flavour, vm: images.VmImages, lan: VmLan, log: Path) -> None:
@@ -79,19 +90,22 @@ def boot(flavour: Flavour, vm: images.VmImages, lan: VmLan, log: Path) -> None:
         flavour.seconds[event].append(at)
 
 
-def table(bases: tuple[int, int], flavours: list[Flavour], runs: int) -> str:
-    (base, base_hostonly), (ours, theirs) = bases, flavours
+def table(bases: Bases, generic: Path, flavours: list[Flavour], runs: int) -> str:
+    ours, theirs = flavours
+    growth = theirs.size - bases.hostonly
+    generic_growth = generic.stat().st_size - bases.generic
     lines = [f"Boot benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
-             f"{runs} boots of each, interleaved, medians; TCG.",
+             f"{runs} boots of each, interleaved, medians; TCG; both images host-only.",
              "",
              "| | ours | upstream | ours/upstream |",
              "|---|---|---|---|",
-             f"| base without Mandos (zstd; generic, host-only as upstream's) | "
-             f"{base / 1e6:.1f} MB | {base_hostonly / 1e6:.1f} MB | |",
-             f"| initramfs (zstd) | {ours.size / 1e6:.1f} MB | {theirs.size / 1e6:.1f} MB | |",
-             f"| growth over its base | {(ours.size - base) / 1e6:.1f} MB | "
-             f"{(theirs.size - base_hostonly) / 1e6:.1f} MB | "
-             f"{(ours.size - base) / (theirs.size - base_hostonly):.2f} |"]
+             f"| base without Mandos (zstd) | {bases.hostonly / 1e6:.2f} MB | "
+             f"{bases.hostonly / 1e6:.2f} MB | |",
+             f"| initramfs (zstd) | {ours.size / 1e6:.2f} MB | {theirs.size / 1e6:.2f} MB | |",
+             f"| growth over the base | {(ours.size - bases.hostonly) / 1e6:.2f} MB | "
+             f"{growth / 1e6:.2f} MB | {(ours.size - bases.hostonly) / growth:.2f} |",
+             f"| ours generic, over the generic base ({bases.generic / 1e6:.2f} MB) | "
+             f"{generic_growth / 1e6:.2f} MB | | {generic_growth / growth:.2f} |"]
     for event in EVENTS:
         mine, their = (statistics.median(f.seconds[event]) for f in flavours)
         lines.append(f"| {event} (s after qemu start) | {mine:.1f} | {their:.1f} | "
@@ -115,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         (client_deb,) = (deb for deb in debs if deb.name.startswith("mandos-password-agent_"))
         vm = images.build(client_deb)
         upstream_image, upstream_keydir = images.build_upstream()
-        (work / "base").mkdir()
-        bases = base_images(vm, work / "base")
-        flavours = [Flavour("ours", vm.initrd), Flavour("upstream", upstream_image)]
+        (work / "hostonly").mkdir()
+        ours, bases = hostonly_images(vm, client_deb, work / "hostonly")
+        flavours = [Flavour("ours", ours), Flavour("upstream", upstream_image)]
         sections = (section_for(vm, vm.passphrase) + "\n" + upstream.upstream_section(
             upstream.KeySet.in_directory(upstream_keydir), "vmupstream",
             vm.passphrase.read_bytes()))
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench: boot {run + 1}/{arguments.runs} with {flavour.name}",
                           file=sys.stderr)
                     boot(flavour, vm, lan, work / f"{flavour.name}-{run}.log")
-    report = table(bases, flavours, arguments.runs)
+    report = table(bases, vm.initrd, flavours, arguments.runs)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"boot-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}.md"
     path.write_text(report)
