@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import signal
+import subprocess
 import tempfile
 import threading
 from collections import Counter
@@ -22,9 +24,10 @@ from hypothesis import strategies as st
 
 from server.config import ConfigError, load_configuration, read_client_file
 from tests.conftest import Keys
+from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import PrivateJournal
 from tests.peers.ours import OurServer, clients_conf, fetch
-from tests.peers.upstream import KeySet, run_upstream_client, section_secret
+from tests.peers.upstream import MANDOS_CTL, KeySet, run_upstream_client, section_secret
 
 KEY_A, KEY_B, KEY_C = "A" * 64, "B" * 64, "C" * 64
 
@@ -405,6 +408,38 @@ def test_duplicates_across_files_are_refused(keys: Keys) -> None:
         assert fetch(keys.foo, "127.0.0.1", server.port) == blob("foo")
         assert fetch(keys.bar, "127.0.0.1", server.port) == b""
         assert server.stop() == 0
+
+
+def test_a_client_removed_over_dbus_stays_away_until_its_file_changes(
+        keys: Keys, private_bus: PrivateSystemBus) -> None:
+    """RemoveClient (upstream's mandos-ctl --remove) lasts through a change of another file
+    in clients.d; a change of the client's own file brings it back, as SIGHUP does."""
+
+    def names() -> list[str]:
+        result = subprocess.run([MANDOS_CTL, "-j"], env=private_bus.environment(),
+                                capture_output=True, text=True, timeout=30, check=True)
+        return sorted(json.loads(result.stdout))
+
+    server = OurServer(clients_conf(keyed_section("foo", keys.foo)), use_dbus=True)
+    try:
+        clientsd = server.configdir / "clients.d"
+        bar = write(clientsd / "bar.conf", keyed_section("bar", keys.bar))
+        server.start(env={"DBUS_SYSTEM_BUS_ADDRESS": private_bus.address})
+        assert server.journal is not None
+        subprocess.run([MANDOS_CTL, "--remove", "bar"], env=private_bus.environment(),
+                       timeout=30, check=True)
+        assert fetch(keys.bar, "127.0.0.1", server.port) == b""
+        write(clientsd / "other.conf", section("other", KEY_A))
+        server.journal.wait_for("config-loaded", count=2)
+        assert names() == ["foo", "other"]
+        assert fetch(keys.bar, "127.0.0.1", server.port) == b""
+        write(bar, keyed_section("bar", keys.bar, interval="PT1H"))
+        server.journal.wait_for("config-loaded", count=3)
+        assert names() == ["bar", "foo", "other"]
+        assert fetch(keys.bar, "127.0.0.1", server.port) == blob("bar")
+        assert server.stop() == 0
+    finally:
+        server.close()
 
 
 def test_unlocks_go_on_while_files_are_rewritten(keys: Keys, upstream_keys: KeySet) -> None:
