@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--priority", help="GnuTLS priority string (see gnutls_priority_init(3))")
     add("--servicename", metavar="NAME", help="Zeroconf service name")
     add("--configdir", default="/etc/mandos", metavar="DIR",
-        help="directory with mandos.conf and clients.conf (default: %(default)s)")
+        help="directory with mandos.conf, clients.conf and clients.d/ (default: "
+        "%(default)s)")
     add("--no-dbus", action="store_false", dest="use_dbus", default=None,
         help="do not provide the D-Bus admin interface (se.recompile.Mandos on the system "
         "bus, for mandos-ctl and mandos-monitor)")
