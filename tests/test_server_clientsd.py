@@ -222,6 +222,7 @@ steps = st.lists(st.dictionaries(st.sampled_from(FILES), st.one_of(
     min_size=1, max_size=6)
 
 
+@pytest.mark.slow  # 10 s: not for the unit tier
 def test_any_sequence_of_changes() -> None:
     """Files written, broken, removed, made to clash, reload after reload: a reload never
     raises; names, key ids and fingerprints stay unique; a file is in force with its new
