@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--etcd-cacert", type=Path, metavar="FILE", help="CA certificate of the etcd cluster")
     add("--etcd-cert", type=Path, metavar="FILE", help="client certificate for etcd")
     add("--etcd-key", type=Path, metavar="FILE", help="key of the client certificate for etcd")
+    add("--metrics", metavar="[ADDRESS:]PORT",
+        help="serve Prometheus metrics at /metrics and a health check at /healthz over HTTP "
+        "on PORT, on loopback unless ADDRESS is given (default: off)")
     add("--journal-socket", type=Path,
         default=Path(os.environ.get("MANDOS_JOURNAL_SOCKET", str(DEFAULT_SOCKET))),
         help=argparse.SUPPRESS)
@@ -76,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: getattr(options, name)
         for name in ("interface", "address", "port", "debug", "debuglevel", "priority",
                      "servicename", "use_dbus", "use_ipv6", "restore", "socket",
-                     "zeroconf", "etcd", "etcd_prefix", "etcd_cacert", "etcd_cert", "etcd_key")
+                     "zeroconf", "etcd", "etcd_prefix", "etcd_cacert", "etcd_cert", "etcd_key",
+                     "metrics")
     }
     if options.statedir is not None:
         overrides["statedir"] = Path(options.statedir)

@@ -38,6 +38,8 @@ from server.config import (
 )
 from server.configwatch import ClientsDirWatch
 from server.events import By
+from server.health import Health, directory_writable
+from server.http_endpoint import MetricsEndpoint, parse_address
 from server.journal import ERR, NOTICE, WARNING, Event, Journal, journalled_publisher
 from server.listener import Listener, adopt_socket, bind_socket
 from server.statefile import StateFile
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # imported lazily at run time: python-zeroconf and dbus-fast 
     from server.announce import Announcer
     from server.dbus_api import AdminService
     from server.fleet import FleetSync
+    from server.metrics import ServerMetrics
 
 #: Seconds from a state change to the write that saves it (and every change made meanwhile).
 SAVE_DELAY = 0.5
@@ -85,6 +88,13 @@ class Daemon:
         self._save_failure: str | None = None
         self._stop = asyncio.Event()
         self._watchdog: asyncio.TimerHandle | None = None
+        #: What /healthz checks (server.health); the fleet sync adds its own.
+        self.health = Health()
+        self.health.add(self._serving_problem)
+        self.health.add(self._state_problem)
+        self.metrics: ServerMetrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._metrics_address = parse_address(settings.metrics) if settings.metrics else None
 
     def _state_warning(self, message: str) -> None:
         self.journal.event(Event.STATE_PROBLEM, message)
@@ -151,6 +161,7 @@ class Daemon:
         try:
             self.listener.start()
             await self._join_fleet(self.listener.port)
+            await self._serve_metrics()
             if self.settings.zeroconf:
                 await self._announce(self.listener.port)
             self._save_now()
@@ -193,6 +204,33 @@ class Daemon:
                                    self.settings.interface or None, self.settings.use_ipv6, log)
         await self.announcer.start()
 
+    async def _serve_metrics(self) -> None:
+        """With ``--metrics``: /metrics and /healthz (:mod:`server.http_endpoint`)."""
+        if self._metrics_address is None:
+            return
+        from server.metrics import ServerMetrics  # lazy: prometheus-client only if asked for
+
+        assert self.listener is not None
+        self.metrics = ServerMetrics(self.clients, self.listener,
+                                     lambda: self._state_problem() is None)
+        self.metrics.subscribe(self.events)
+        if self.fleet is not None:
+            fleet = self.fleet
+            self.health.add(fleet.status)  # None while in sync
+            self.metrics.etcd_in_sync = lambda: not fleet.detached
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.exposition, self.health)
+        await self.metrics_endpoint.start(*self._metrics_address)
+
+    def _serving_problem(self) -> str | None:
+        return "stopping" if self._stop.is_set() else None
+
+    def _state_problem(self) -> str | None:
+        """Why the state cannot be saved now: the last write failed (until one succeeds),
+        or the state directory takes no file (read-only)."""
+        if self._save_failure is not None:
+            return f"cannot save the state in {self.statefile.path}: {self._save_failure}"
+        return directory_writable(self.settings.statedir)
+
     def _arm_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
         if interval is None:
@@ -207,6 +245,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.notifier.stopping()
         self.events.publish(events.ServerStopping())
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.watch.close()

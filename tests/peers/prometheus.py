@@ -33,6 +33,7 @@ _CONFIG = """global:
   scrape_interval: {interval}
   scrape_timeout: {interval}
   evaluation_interval: {interval}
+rule_files: [{rules}]
 scrape_configs:
   - job_name: mandos
     static_configs:
@@ -53,11 +54,13 @@ def promtool_check_metrics(exposition: bytes) -> subprocess.CompletedProcess[str
 
 
 class Prometheus:
-    """``prometheus`` scraping ``targets`` (``host:port``) on 127.0.0.1."""
+    """``prometheus`` scraping ``targets`` (``host:port``) on 127.0.0.1, evaluating the
+    alerting rules in ``rule_files``."""
 
-    def __init__(self, targets: Sequence[str]) -> None:
+    def __init__(self, targets: Sequence[str], rule_files: Sequence[Path] = ()) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="mandos-test-prometheus-"))
         self.targets = list(targets)
+        self.rule_files = list(rule_files)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.directory / "prometheus.log"
@@ -69,7 +72,8 @@ class Prometheus:
     def start(self) -> Prometheus:
         config = self.directory / "prometheus.yml"
         config.write_text(_CONFIG.format(
-            interval=SCRAPE_INTERVAL, targets=", ".join(f"'{t}'" for t in self.targets)))
+            interval=SCRAPE_INTERVAL, targets=", ".join(f"'{t}'" for t in self.targets),
+            rules=", ".join(f"'{path}'" for path in self.rule_files)))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [PROMETHEUS, f"--config.file={config}",
@@ -145,6 +149,22 @@ class Prometheus:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{expression} is {seen}, not {wanted}, after "
                                      f"{timeout:g} s; targets: {self.targets_health()}")
+            time.sleep(0.2)
+
+    def firing(self) -> set[str]:
+        """The names of the alerts firing now (``/api/v1/alerts``)."""
+        status, body = self._get("/api/v1/alerts")
+        assert status == 200, body
+        return {alert["labels"]["alertname"] for alert in json.loads(body)["data"]["alerts"]
+                if alert["state"] == "firing"}
+
+    def wait_firing(self, alert: str, timeout: float = 30.0) -> None:
+        """Wait until ``alert`` fires (the rules are evaluated every scrape interval)."""
+        deadline = time.monotonic() + timeout
+        while alert not in self.firing():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{alert} not firing after {timeout:g} s; firing: "
+                                     f"{self.firing()}")
             time.sleep(0.2)
 
     def targets_health(self) -> list[tuple[object, object]]:
