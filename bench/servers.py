@@ -17,9 +17,10 @@ from tests.peers.upstream import UpstreamServer, free_port, listening_ports
 
 
 @contextmanager
-def our_server(clients_conf: str) -> Iterator[tuple[int, int]]:
-    """Our server with this ``clients.conf`` and default settings; its log (stderr: no
-    journald here) goes to a file, as journald would take it."""
+def our_server(clients_conf: str, metrics_port: int | None = None) -> Iterator[tuple[int, int]]:
+    """Our server with this ``clients.conf`` and default settings (with ``metrics_port``,
+    serving /metrics there on 127.0.0.1); its log (stderr: no journald here) goes to a file,
+    as journald would take it."""
     directory = Path(tempfile.mkdtemp(prefix="mandos-bench-"))
     try:
         (directory / "conf").mkdir()
@@ -32,12 +33,13 @@ def our_server(clients_conf: str) -> Iterator[tuple[int, int]]:
                 [sys.executable, "-m", "server", "--foreground", "--no-dbus", "--no-zeroconf",
                  "--no-restore", "--no-ipv6", "--address=127.0.0.1", f"--port={port}",
                  f"--configdir={directory / 'conf'}", f"--statedir={directory / 'state'}",
-                 f"--journal-socket={directory / 'no-journald'}"],
+                 f"--journal-socket={directory / 'no-journald'}",
+                 *([f"--metrics=127.0.0.1:{metrics_port}"] if metrics_port else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             )
         try:
             deadline = time.monotonic() + 20
-            while port not in listening_ports(process.pid):
+            while not {port, metrics_port or port} <= listening_ports(process.pid):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("our server did not start:\n"
                                      + (directory / "server.log").read_text())

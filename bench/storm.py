@@ -3,9 +3,11 @@
 After a power cut a rack boots at once and every machine asks for its password in the same second.
 This runs the same simulated clients (:mod:`bench.loadgen`) against both servers, on the same
 machine, in one run, at several concurrency levels, and prints one table with the ratio
-ours/upstream per row.  It then measures the handshake alone per role (:mod:`bench.roles`: the
-floor under the server-CPU-over-generator-CPU ratio) and the agent's latency
-(:mod:`bench.agent_latency`).  Results are written to ``bench/results/``.
+ours/upstream per row, and our server once more with ``--metrics`` and a scrape of ``/metrics``
+every 100 ms during the storm (``ours+scrape``: what scraping costs the unlocks).  It then
+measures the handshake alone per role (:mod:`bench.roles`: the floor under the
+server-CPU-over-generator-CPU ratio) and the agent's latency (:mod:`bench.agent_latency`).
+Results are written to ``bench/results/``.
 
     ./dev bench            # the full run
     ./dev bench --quick    # under two minutes
@@ -35,7 +37,10 @@ from bench.loadgen import (
     process_tree_pss,
     run_level,
 )
+from bench.scrape import EVERY as SCRAPE_EVERY
+from bench.scrape import Scraper, ScrapeResult
 from bench.servers import our_server, upstream_server
+from tests.peers.upstream import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,6 +58,7 @@ class Row:
     level: LevelResult
     server_cpu: float
     peak_pss: int
+    scrape: ScrapeResult | None = None
 
     @property
     def server_cpu_per_unlock_ms(self) -> float:
@@ -96,8 +102,9 @@ class Cell:
 
 
 def measure(name: str, pid: int, port: int, clients: list[SimulatedClient], concurrency: int,
-            unlocks: int) -> Row:
-    """One level against one server, with the server's CPU and peak PSS sampled alongside."""
+            unlocks: int, metrics_port: int | None = None) -> Row:
+    """One level against one server, with the server's CPU and peak PSS sampled alongside
+    (and, with ``metrics_port``, /metrics scraped all along)."""
     peak = process_tree_pss(pid)
     stop = threading.Event()
 
@@ -109,12 +116,14 @@ def measure(name: str, pid: int, port: int, clients: list[SimulatedClient], conc
     sampler = threading.Thread(target=sample)
     cpu_before = process_tree_cpu(pid)
     sampler.start()
+    scraper = Scraper(metrics_port).start() if metrics_port else None
     try:
         level = run_level(("127.0.0.1", port), clients, concurrency, unlocks)
     finally:
+        scrape = scraper.stop() if scraper else None
         stop.set()
         sampler.join()
-    return Row(name, level, process_tree_cpu(pid) - cpu_before, peak)
+    return Row(name, level, process_tree_cpu(pid) - cpu_before, peak, scrape)
 
 
 def _ms(seconds: float) -> str:
@@ -152,15 +161,36 @@ def format_table(cells: list[Cell]) -> str:
         lines.append(f"| {concurrency} | {ours.rate / max(theirs.rate, 1e-9):.1f}x "
                      f"| {ours.p99 / theirs.p99:.4f} | {ours.pss / max(theirs.pss, 1):.2f} "
                      f"| {efficiency:.2f} |")
+    scraped = [(pair["ours"], pair["ours+scrape"]) for _, pair in sorted(by_level.items())
+               if "ours" in pair and "ours+scrape" in pair]
+    if scraped:
+        lines += ["", f"Our server scraped (GET /metrics every {SCRAPE_EVERY * 1000:.0f} ms) "
+                  "during the storm, beside the same server not scraped:", "",
+                  "| conc. | p99 ms | p99 ms scraped | p99 scraped/not | unlock failures "
+                  "scraped | scrapes | scrape failures | scrape p99 ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for plain, with_scrape in scraped:
+            scrapes = [row.scrape for row in with_scrape.rows if row.scrape is not None]
+            latencies = [x for result in scrapes for x in result.latencies]
+            lines.append(
+                f"| {plain.concurrency} | {_ms(plain.p99)} | {_ms(with_scrape.p99)} "
+                f"| {with_scrape.p99 / plain.p99:.3f} | {with_scrape.failures} "
+                f"| {sum(result.scrapes for result in scrapes)} "
+                f"| {sum(result.failures for result in scrapes)} "
+                f"| {_ms(ScrapeResult(latencies=latencies).percentile(0.99))} |")
     return "\n".join(lines)
 
 
 def run_storm(plan: dict[int, tuple[int, int]], clients: list[SimulatedClient], repeat: int,
-              with_upstream: bool) -> list[Cell]:
+              with_upstream: bool, with_scrape: bool = False) -> list[Cell]:
     """Every level of ``plan`` against each server, the whole plan ``repeat`` times (servers
-    alternating, each started afresh), so that the medians smooth out a noisy machine."""
+    alternating, each started afresh), so that the medians smooth out a noisy machine.  With
+    ``with_scrape``, our server once more, scraped (``ours+scrape``, as many unlocks)."""
+    metrics_port = free_port() if with_scrape else None
     servers: list[tuple[str, Callable[[], AbstractContextManager[tuple[int, int]]]]] = [
         ("ours", lambda: our_server(clients_conf(clients)))]
+    if with_scrape:
+        servers.append(("ours+scrape", lambda: our_server(clients_conf(clients), metrics_port)))
     if with_upstream:
         sections = clients_conf(clients).split("\n\n", 1)[1]
         servers.append(("upstream", lambda: upstream_server(sections)))
@@ -169,12 +199,13 @@ def run_storm(plan: dict[int, tuple[int, int]], clients: list[SimulatedClient], 
         for name, start in servers:
             with start() as (pid, port):
                 for concurrency, counts in plan.items():
-                    unlocks = counts[0] if name == "ours" else counts[1]
+                    unlocks = counts[1] if name == "upstream" else counts[0]
                     if unlocks:
                         print(f"run {run + 1}/{repeat} {name}: {unlocks} unlocks at "
                               f"concurrency {concurrency} ...", file=sys.stderr, flush=True)
-                        cells[name, concurrency].rows.append(
-                            measure(name, pid, port, clients, concurrency, unlocks))
+                        cells[name, concurrency].rows.append(measure(
+                            name, pid, port, clients, concurrency, unlocks,
+                            metrics_port if name == "ours+scrape" else None))
     return [cell for cell in cells.values() if cell.rows]
 
 
@@ -186,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-runs", type=int, help="agent latency runs per agent (7; "
                         "quick: 3; 0: skip)")
     parser.add_argument("--no-upstream", action="store_true", help="measure only our server")
+    parser.add_argument("--no-scrape", action="store_true",
+                        help="skip our server scraped during the storm (ours+scrape)")
     options = parser.parse_args(argv)
     repeat = options.repeat or (1 if options.quick else 3)
     agent_runs = options.agent_runs if options.agent_runs is not None else (
         3 if options.quick else 7)
     clients = make_clients(options.clients)
     cells = run_storm(QUICK_PLAN if options.quick else FULL_PLAN, clients, repeat,
-                      not options.no_upstream)
+                      not options.no_upstream, not options.no_scrape)
     report = format_table(cells)
     print("the handshake alone, per role ...", file=sys.stderr, flush=True)
     report += "\n\n" + roles.format_table(
