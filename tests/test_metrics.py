@@ -1,7 +1,7 @@
 """``--metrics``: a real Prometheus (Debian's) scrapes our server during a short storm and counts
 what the test did; ``promtool check metrics`` accepts the exposition; ``/healthz`` follows the
-state directory going read-only and writable again; the series stay bounded by the configured
-clients; a silent scraper delays no unlock."""
+state directory going read-only and writable again, and etcd going away and coming back; the
+series stay bounded by the configured clients; a silent scraper delays no unlock."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import pytest
 from server.daemon import SAVE_RETRY
 from server.http_endpoint import MAX_CONNECTIONS, READ_DEADLINE
 from tests.conftest import Keys
+from tests.peers.etcd import EtcdCluster
 from tests.peers.mounts import remount, tmpfs
 from tests.peers.ours import SERVER, OurServer, clients_conf, fetch, set_options
 from tests.peers.prometheus import Prometheus, promtool_check_metrics
@@ -227,3 +229,36 @@ def test_metrics_are_off_by_default(keys: Keys) -> None:
         capture_output=True, text=True, timeout=30, check=True,
         cwd=Path(__file__).resolve().parent.parent)
     assert probe.stdout.strip() == "False"
+
+
+def _wait_health(port: int, status: int, timeout: float = 30.0) -> bytes:
+    """Wait until /healthz answers ``status`` (the fleet sync notices etcd on its own
+    schedule); the body then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen, _, body = _get(port, "/healthz")
+        if seen == status:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/healthz is {seen} {body!r}, not {status}, after {timeout} s")
+        time.sleep(0.1)
+
+
+def test_healthz_and_metrics_follow_etcd(keys: Keys) -> None:
+    """With --etcd: in sync, 200 and mandos_etcd_in_sync 1; etcd gone, 503 saying detached and
+    0, while unlocks go on from the last synced state; etcd back, 200 and 1 again."""
+    blob = section_secret(keys.foo_section)
+    with EtcdCluster(size=1) as etcd:
+        port = free_port()
+        server = OurServer(clients_conf(keys.foo_section),
+                           extra_args=[*etcd.server_options(), "--metrics", str(port)])
+        with server:
+            assert _wait_health(port, 200) == b"ok\n"
+            assert _sample(_get(port, "/metrics")[2], "mandos_etcd_in_sync") == 1
+            etcd.kill(0)
+            assert _wait_health(port, 503).startswith(b"DETACHED from etcd (")
+            assert _sample(_get(port, "/metrics")[2], "mandos_etcd_in_sync") == 0
+            assert fetch(keys.foo, "127.0.0.1", server.port) == blob
+            etcd.start_member(0)
+            assert _wait_health(port, 200) == b"ok\n"
+            assert _sample(_get(port, "/metrics")[2], "mandos_etcd_in_sync") == 1
