@@ -101,22 +101,24 @@ class Agent:
         self._priority: Priority | None = None
         self._record: AnsweredRecord | None = None
         self._run_directory: Path | None = None
+        self._run_directory_checked = False
         self._decryptor: Decryptor | None = None
         self._browser: Browser | None = None
         #: Whether every server of the last round failed for this host's own network.
         self._network_not_up = False
         self._interface_checked = False
 
-    def _open_record(self) -> None:
-        """Once: check the OpenPGP key files (key problems are reported at once), make the run
-        directory and open the record of answers sent."""
-        if self._record is not None:
+    def _open_run_directory(self) -> None:
+        """Once: check the OpenPGP key files (key problems are reported at once) and make the
+        run directory, removing the GnuPG homes that killed agents left there."""
+        if self._run_directory_checked:
             return
         keys = self.config.keys
         for path in (keys.pubkey, keys.seckey):
             if not path.is_file():
                 raise AgentError(f"OpenPGP key file {path} is missing; check --pubkey/"
                                  "--seckey or --keydir")
+        self._run_directory_checked = True
         try:
             self._run_directory = private_directory(self.config.run_directory)
         except AgentError as error:
@@ -124,8 +126,12 @@ class Agent:
         else:
             if hold(self._run_directory):
                 remove_stale_homes(self._run_directory, HOME_PREFIX)
-        self._record = AnsweredRecord(
-            None if self._run_directory is None else self._run_directory / "answered")
+
+    def _open_record(self) -> None:
+        """Once: open the record of answers sent, in the run directory."""
+        if self._record is None:
+            self._record = AnsweredRecord(
+                None if self._run_directory is None else self._run_directory / "answered")
 
     def _load_tls(self) -> None:
         """Once: the TLS credentials and the compiled priority."""
@@ -141,12 +147,14 @@ class Agent:
 
     def _prepare(self) -> None:
         """What fetching and answering need once a request is pending (an idle start costs
-        nothing): the record, the GnuPG home (started first, so that gpg works while the rest
-        loads and the blob is fetched), the TLS credentials, and once the wait for
-        ``--interface``."""
-        self._open_record()
+        nothing): the run directory, the GnuPG home (started as soon as there is a place for
+        it, so that gpg works while the rest loads and the blob is fetched: on demand it is
+        the longest step before the decryption), the record, the TLS credentials, and once
+        the wait for ``--interface``."""
+        self._open_run_directory()
         with contextlib.suppress(AgentError):  # reported when there is a blob to decrypt
             self._gnupg_home()
+        self._open_record()
         self._load_tls()
         if not self._interface_checked:
             self._interface_checked = True
@@ -156,8 +164,9 @@ class Agent:
     def _warm_up(self) -> None:
         """``--watch``, before ``READY=1``: everything that needs no request, and no network.
         The wait for ``--interface`` and any contact with a server come with a request."""
-        self._open_record()
+        self._open_run_directory()
         decryptor = self._gnupg_home()
+        self._open_record()
         self._load_tls()
         codecs.lookup("idna")  # the first name resolution would load it
         if not self.config.connect:
