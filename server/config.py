@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import configparser
+import dataclasses
 import datetime
 import io
 import os
@@ -379,6 +380,8 @@ class ClientFile:
     clients: Mapping[str, ClientConfig]
     defaults: Mapping[str, str] = field(default_factory=dict)
     default_lines: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    #: The file's :func:`_stamp` before it was read (files of clients.d only).
+    stamp: tuple[int, ...] | None = None
 
 
 def read_client_file(path: Path, base: Path, parent: ClientFile | None = None) -> ClientFile:
@@ -428,6 +431,8 @@ class ClientsConfiguration:
 
     files: tuple[ClientFile, ...]
     problems: tuple[RefusedFile, ...] = ()
+    #: The files of clients.d that could not be read or parsed, with their :func:`_stamp`.
+    unusable: Mapping[Path, tuple[int, ...] | None] = field(default_factory=dict)
 
     @property
     def clients(self) -> dict[str, ClientConfig]:
@@ -469,8 +474,11 @@ def load_configuration(configdir: Path, previous: ClientsConfiguration | None = 
     is one line in ``problems``; other files' changes apply.  A file gone from clients.d takes
     its clients with it; a clients.conf gone is refused (moved away to be edited, say).
     ``clients_conf=False`` keeps clients.conf as it was read last (a change in clients.d
-    reloads only clients.d)."""
+    reloads only clients.d), and with it every file of clients.d that has not changed since
+    (:func:`_stamp`): neither read again nor, if it was unusable, reported again.  So a
+    change in one of many files costs the reading of that file."""
     kept = {file.path: file for file in previous.files} if previous is not None else {}
+    unusable = dict(previous.unusable) if previous is not None and not clients_conf else {}
     problems: list[RefusedFile] = []
 
     def refuse(path: Path, error: ConfigError | str,
@@ -502,12 +510,23 @@ def load_configuration(configdir: Path, previous: ClientsConfiguration | None = 
         problems.append(RefusedFile(directory, f"{error}; keeping its files as they were"))
         paths = [path for path in kept if path.parent == directory]
     for path in paths:
-        try:
-            candidates.append(read_client_file(path, configdir, conf))
-        except ConfigError as error:
-            old = refuse(path, error, kept.get(path))
-            if old is not None:
+        stamp, old = _stamp(path), kept.get(path)
+        if not clients_conf and stamp is not None and old is not None and old.stamp == stamp:
+            candidates.append(old)  # unchanged
+            continue
+        if not clients_conf and stamp is not None and unusable.get(path) == stamp:
+            if old is not None:  # unusable, unchanged, and said so already
                 candidates.append(old)
+            continue
+        unusable.pop(path, None)
+        try:
+            candidates.append(dataclasses.replace(read_client_file(path, configdir, conf),
+                                                  stamp=stamp))
+        except ConfigError as error:
+            unusable[path] = stamp
+            instead = refuse(path, error, old)
+            if instead is not None:
+                candidates.append(instead)
     files: list[ClientFile] = []
     owners: dict[tuple[str, str], tuple[Path, str]] = {}
     for candidate in candidates:
@@ -524,7 +543,22 @@ def load_configuration(configdir: Path, previous: ClientsConfiguration | None = 
         for client in candidate.clients.values():
             for identity in _identities(client):
                 owners[identity] = (candidate.path, client.name)
-    return ClientsConfiguration(tuple(files), tuple(problems))
+    present = set(paths)
+    return ClientsConfiguration(tuple(files), tuple(problems),
+                                {path: stamp for path, stamp in unusable.items()
+                                 if path in present})
+
+
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is written, renamed over or touched (through a link: the
+    file it points to), to tell an unchanged file without reading it; None if it cannot be
+    stat'ed."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+            status.st_ctime_ns)
 
 
 def _clash(file: ClientFile, owners: Mapping[tuple[str, str], tuple[Path, str]]) -> str | None:

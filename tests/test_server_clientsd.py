@@ -207,6 +207,27 @@ def test_reload_of_clients_d_only_keeps_clients_conf_as_read(configdir: Path) ->
     assert list(load_configuration(configdir, first).clients) == ["bar"]
 
 
+def test_a_change_in_clients_d_reads_only_the_files_that_changed(configdir: Path) -> None:
+    """After a change in clients.d an unchanged file is not read again (its secfile neither),
+    and an unchanged broken one is not reported again; SIGHUP reads and reports all."""
+    clientsd = configdir / "clients.d"
+    (configdir / "a.blob").write_bytes(b"first")
+    write(clientsd / "a.conf", f"[a]\nkey_id = {KEY_A}\nsecfile = a.blob\n")
+    first = load_configuration(configdir)
+    (configdir / "a.blob").write_bytes(b"second")
+    write(clientsd / "bad.conf", "[bad]\nkey_id = 00\n")
+    second = load_configuration(configdir, first, clients_conf=False)
+    assert [p.path.name for p in second.problems] == ["bad.conf"]
+    assert second.clients["a"].secret == b"first"
+    write(clientsd / "b.conf", section("b", KEY_B))
+    third = load_configuration(configdir, second, clients_conf=False)
+    assert third.problems == () and list(third.clients) == ["a", "b"]
+    assert third.clients["a"].secret == b"first"
+    fourth = load_configuration(configdir, third)
+    assert [p.path.name for p in fourth.problems] == ["bad.conf"]
+    assert fourth.clients["a"].secret == b"second"
+
+
 #: What a generated file may hold: clients sharing names, key ids and fingerprints, values
 #: that are refused, syntax errors, a [DEFAULT] with a bad value.
 PIECES = (
@@ -216,10 +237,11 @@ PIECES = (
     "[DEFAULT]\ninterval = PT9M\n", "[DEFAULT]\ninterval = never\n",
 )
 FILES = ("clients.conf", "clients.d/a.conf", "clients.d/b.conf", "clients.d/c.conf")
-#: One reload's changes: for some files, new contents (pieces joined) or None (removed).
-steps = st.lists(st.dictionaries(st.sampled_from(FILES), st.one_of(
+#: One reload's changes (for some files, new contents or None: removed), and whether it is a
+#: SIGHUP's (else only clients.d is read, as after a change there).
+steps = st.lists(st.tuples(st.dictionaries(st.sampled_from(FILES), st.one_of(
     st.none(), st.lists(st.sampled_from(PIECES), max_size=3).map("\n".join))),
-    min_size=1, max_size=6)
+    st.booleans()), min_size=1, max_size=6)
 
 
 @pytest.mark.slow  # 10 s: not for the unit tier
@@ -232,20 +254,22 @@ def test_any_sequence_of_changes() -> None:
 
     @settings(max_examples=400, deadline=None, derandomize=True, database=None)
     @given(steps)
-    def check(changes: list[dict[str, str | None]]) -> None:
+    def check(changes: list[tuple[dict[str, str | None], bool]]) -> None:
         one_sequence(changes, reloads)
 
     check()
     print(f"400 sequences: {dict(reloads)}")
     assert reloads["clashes"] and reloads["refused files"] > reloads["clashes"]
+    assert reloads["files reused unread"]
 
 
-def one_sequence(changes: list[dict[str, str | None]], reloads: Counter[str]) -> None:
+def one_sequence(changes: list[tuple[dict[str, str | None], bool]],
+                 reloads: Counter[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="mandos-test-clientsd-") as name:
         configdir = Path(name)
         (configdir / "clients.conf").write_text(section("first", "D" * 64))
         configuration = load_configuration(configdir)
-        for change in changes:
+        for change, sighup in changes:
             for relative, text in change.items():
                 path = configdir / relative
                 if text is None:
@@ -253,16 +277,22 @@ def one_sequence(changes: list[dict[str, str | None]], reloads: Counter[str]) ->
                 else:
                     write(path, text)
             previous = {file.path: file for file in configuration.files}
-            configuration = load_configuration(configdir, configuration)
+            configuration = load_configuration(configdir, configuration, clients_conf=sighup)
             refused = {problem.path for problem in configuration.problems}
+            refused |= set(configuration.unusable)  # said so before, unchanged since
             reloads["reloads"] += 1
             reloads["refused files"] += len(refused)
             reloads["clashes"] += sum("the same as" in p.message or "has a client" in p.message
                                       for p in configuration.problems)
             reloads["clients in force"] += len(configuration.clients)
+            reloads["files reused unread"] += sum(
+                not sighup and file is previous.get(file.path) and file.path not in refused
+                for file in configuration.files[1:])
             assert all("\n" not in problem.message for problem in configuration.problems)
             in_force = [file.path for file in configuration.files]
             assert in_force[0] == configdir / "clients.conf"
+            if not sighup:
+                assert configuration.files[0] is previous[in_force[0]]
             assert in_force[1:] == sorted(in_force[1:])
             seen: set[tuple[str, str]] = set()
             for file in configuration.files:
@@ -273,7 +303,7 @@ def one_sequence(changes: list[dict[str, str | None]], reloads: Counter[str]) ->
                         seen.add(identity)
                 if file.path in refused:
                     assert file is previous[file.path]
-                elif file.path.exists():  # else clients.conf gone, and refused
+                elif file.path.exists() and (sighup or file is not configuration.files[0]):
                     fresh = read_client_file(file.path, configdir, configuration.files[0])
                     assert file.clients == fresh.clients
             for relative in FILES[1:]:
