@@ -173,13 +173,17 @@ def test_bind_then_test_passes_against_our_server(setup: Setup) -> None:
 
 
 def test_bind_reads_the_passphrase_from_stdin_and_prints_the_section(setup: Setup) -> None:
-    setup.bind()  # the keys
     result = luks("bind", setup.image, "--keydir", setup.keydir, "--name", NAME, "--no-ssh",
                   stdin=PASSPHRASE + b"\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"[{NAME}]\n")
     assert opens(setup.image, setup.key_in(result.stdout))
-    assert len(header(setup.image)["tokens"]) == 2
+    assert len(header(setup.image)["tokens"]) == 1
+    # Bound to these keys already: a second binding would leave one keyslot nobody opens.
+    assert "bound to these keys already" in one_line_error(
+        luks("bind", setup.image, "--keydir", setup.keydir, "--no-ssh",
+             stdin=PASSPHRASE + b"\n"))
+    assert len(header(setup.image)["tokens"]) == 1
 
 
 def test_unbind_makes_test_fail_and_the_key_no_longer_opens(setup: Setup) -> None:
@@ -193,6 +197,7 @@ def test_unbind_makes_test_fail_and_the_key_no_longer_opens(setup: Setup) -> Non
     assert opens(setup.image, PASSPHRASE)
     assert header(setup.image)["tokens"] == {}
     assert "has no Mandos binding" in one_line_error(setup.test())
+    assert "has no Mandos binding" in one_line_error(luks("unbind", setup.image))
 
 
 def test_unbind_refuses_the_last_keyslot(setup: Setup) -> None:
@@ -269,7 +274,9 @@ def test_not_luks2(tmp_path: Path) -> None:
 
 
 def test_wrong_passphrase_changes_nothing(setup: Setup) -> None:
-    setup.bind()
+    setup.keydir.mkdir(mode=0o700)
+    subprocess.run([sys.executable, "-m", "password_agent.keygen", "-d", str(setup.keydir),
+                    "-n", NAME], check=True, capture_output=True, timeout=60)
     before = header(setup.image)
     setup.passfile.write_bytes(b"not the passphrase")
     message = one_line_error(luks("bind", setup.image, "--keydir", setup.keydir, "--key-file",

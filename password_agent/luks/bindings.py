@@ -55,6 +55,9 @@ def add_binding(header: Header, keys: ClientKeys, name: str, key_file: str | Non
         raise AgentError("the key directory has no tls-pubkey.pem, so the binding would have "
                          "no key_id; make the keys with mandos-keygen (or let bind make them "
                          "in an empty --keydir)")
+    if replaces is None and (bound := header.bindings_of(keys.key_id)):
+        raise AgentError(f"{header.device} is bound to these keys already (keyslot "
+                         f"{bound[0].keyslot}); rotate replaces its key, unbind removes it")
     slot, token = header.free_keyslot(), header.free_token()
     binding = Binding(token_id=token, keyslot=slot, key_id=keys.key_id, name=name,
                       replaces=replaces)

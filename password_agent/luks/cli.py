@@ -221,10 +221,11 @@ def run_test(args: argparse.Namespace) -> None:
     config = _agent_config(args)
     header = read_header(args.device)
     key_id = _key_id(config.keys)
-    candidates = header.bindings_of(key_id)
+    candidates = [binding for binding in header.bindings_of(key_id)
+                  if binding.keyslot is not None]
     if not candidates:
         raise AgentError(f"{args.device} has no Mandos binding for the keys in {args.keydir} "
-                         f"(key_id {key_id}); bind it first, or check --keydir")
+                         f"(key_id {key_id}) with a keyslot; bind it, or check --keydir")
     proof = prove(args.device, candidates, config, args.timeout or DEFAULT_TIMEOUT)
     if proof.binding is None:
         raise AgentError("the next boot would NOT unlock: "
