@@ -1,8 +1,9 @@
 """The Mandos client side: a systemd password agent that answers disk-unlock requests with a
-password fetched from a Mandos server (``mandos-password-agent``), and the key generator
-(``mandos-keygen``).
+password fetched from a Mandos server (``mandos-password-agent``), the key generator
+(``mandos-keygen``, in ``keygen/``) and the LUKS2 enrolment (``mandos-luks``, in ``luks/``).
 
-It runs in the initramfs, so it imports only the standard library, ``inotify_simple``,
+The agent runs in the initramfs, so it imports only the standard library, ``inotify_simple``,
 ``python-gnupg``, ``sdnotify`` only when resident (``--watch``) and, only when it has to browse,
-``zeroconf``.
+``zeroconf``.  ``keygen`` and ``luks`` run on the installed system (``cryptography``,
+``cryptsetup``); the initramfs leaves both subpackages out.
 """
