@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
