@@ -26,7 +26,7 @@ from server.config import ConfigError, load_configuration, read_client_file
 from tests.conftest import Keys
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.journald import PrivateJournal
-from tests.peers.ours import OurServer, clients_conf, fetch
+from tests.peers.ours import REPO, SERVER, OurServer, clients_conf, fetch
 from tests.peers.upstream import MANDOS_CTL, KeySet, run_upstream_client, section_secret
 
 KEY_A, KEY_B, KEY_C = "A" * 64, "B" * 64, "C" * 64
@@ -357,6 +357,25 @@ def test_a_dropped_file_is_served_without_sighup(keys: Keys) -> None:
         assert fetch(keys.foo, "127.0.0.1", server.port) == blob("foo")
         assert not server.journal.find("config-reload-failed")
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.conf": "[foo]\nkey_id = 00\n"}, "a.conf:1: [foo] secret: missing"),
+    ({"a.conf": section("foo", KEY_A), "b.conf": section("bar", KEY_A)},
+     "b.conf: [bar] key_id: the same as [foo] in "),
+])
+def test_a_broken_file_stops_the_start_with_one_line(tmp_path: Path, files: dict[str, str],
+                                                     message: str) -> None:
+    for name, text in files.items():
+        write(tmp_path / "clients.d" / name, text)
+    result = subprocess.run(
+        [*SERVER, f"--configdir={tmp_path}", f"--statedir={tmp_path}", "--no-zeroconf",
+         "--port=0", f"--journal-socket={tmp_path / 'none'}"],
+        capture_output=True, text=True, timeout=30, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"mandos-server: {tmp_path / 'clients.d'}/{message}"), \
+        result.stderr
 
 
 def test_sighup_reads_what_inotify_cannot_see(keys: Keys, tmp_path: Path) -> None:
