@@ -34,7 +34,7 @@ MAX_DELAY = 1.0
 
 _FILES = (inotify_flags.CREATE | inotify_flags.CLOSE_WRITE | inotify_flags.MOVED_TO
           | inotify_flags.MOVED_FROM | inotify_flags.DELETE | inotify_flags.DELETE_SELF
-          | inotify_flags.MOVE_SELF)
+          | inotify_flags.MOVE_SELF | inotify_flags.ONLYDIR)
 _PARENT = (inotify_flags.CREATE | inotify_flags.MOVED_TO | inotify_flags.MOVED_FROM
            | inotify_flags.DELETE | inotify_flags.ONLYDIR)
 
