@@ -24,7 +24,9 @@ import pytest
 
 from password_agent.decrypt import Decryptor
 from tests.peers.leaks import WATCH
+from tests.peers.netns import VethPair
 from tests.peers.ours import OurServer, clients_conf
+from tests.peers.zeroconf import OurServerInNamespace
 
 pytestmark = pytest.mark.peers
 
@@ -184,6 +186,24 @@ def test_bind_reads_the_passphrase_from_stdin_and_prints_the_section(setup: Setu
         luks("bind", setup.image, "--keydir", setup.keydir, "--no-ssh",
              stdin=PASSPHRASE + b"\n"))
     assert len(header(setup.image)["tokens"]) == 1
+
+
+def test_test_finds_the_server_with_zeroconf_as_the_agent_does(setup: Setup,
+                                                                veth_pair: VethPair) -> None:
+    """No --connect: test browses on its --interface, as the initramfs agent would, and asks
+    our server announced in the other namespace, over IPv6 link-local."""
+    section, _ = setup.bind()
+    directory = setup.directory / "announced"
+    directory.mkdir()
+    with OurServerInNamespace(veth_pair.a, section, directory):
+        result = subprocess.run(VethPair.wrap(veth_pair.b, [
+            sys.executable, "-m", "password_agent.luks", "test", str(setup.image), "--keydir",
+            str(setup.keydir), f"--interface={veth_pair.b.interface}", "--kernel-cmdline",
+            "/dev/null", "--timeout", "20"]), capture_output=True, text=True, timeout=120,
+            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"OK: the secret from [{veth_pair.a.link_local}%"), \
+        result.stdout
 
 
 def test_unbind_makes_test_fail_and_the_key_no_longer_opens(setup: Setup) -> None:
