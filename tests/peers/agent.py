@@ -16,7 +16,6 @@ from pathlib import Path
 
 from password_agent import keyring
 from password_agent.answered import key_description
-from password_agent.watch import _IDLE_WAKE_SECONDS
 from tests.peers.leaks import WATCH
 from tests.peers.upstream import KeySet
 
@@ -56,20 +55,22 @@ class AgentRun:
                                      f"logging {text!r} {count} times:\n{self.log()}")
             time.sleep(0.02)
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until the agent sleeps in its idle wait: ``poll(2)`` (x86_64: system call 7)
-        with the watcher's idle wake-up as timeout, read from ``/proc/PID/syscall``.  Only an
-        agent with nothing pending waits so long: one that retries a server or fetches waits
-        at most a few seconds at a time, one that exits does not wait.  This is the event that
-        tells "it stays idle" without sleeping for a while and hoping."""
-        idle_timeout = hex(int(_IDLE_WAKE_SECONDS * 1000))  # milliseconds, poll's 3rd argument
+    def wait_idle(self, longer_than: float = 10.0, timeout: float = 10.0) -> None:
+        """Wait until the agent sleeps in an idle wait: ``poll(2)`` (x86_64: system call 7)
+        with a timeout over ``longer_than`` seconds, read from ``/proc/PID/syscall``.  Only an
+        agent with nothing pending waits so long (the watcher's idle wake-up, 60 s, or what is
+        left of ``--timeout``): while a request is pending, every wait (a back-off, a server's
+        answer) wakes at least once a second to look at the requests, and an agent that exits
+        does not wait.  This is the event that tells "it stays idle" without sleeping
+        for a while and hoping."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 call = Path(f"/proc/{self.process.pid}/syscall").read_text().split()
             except OSError:
                 call = []
-            if call[:1] == [str(_POLL)] and call[3:4] == [idle_timeout]:
+            if (len(call) > 3 and call[0] == str(_POLL)
+                    and int(call[3], 16) > longer_than * 1000):
                 return
             if self.process.poll() is not None:
                 raise AssertionError(f"agent exited ({self.process.returncode}) instead of "
