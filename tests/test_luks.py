@@ -318,10 +318,13 @@ def test_no_free_keyslot(setup: Setup) -> None:
     assert not setup.keydir.exists()  # refused before making keys
 
 
-def test_server_unreachable(setup: Setup) -> None:
+def test_server_unreachable_or_refusing(setup: Setup) -> None:
     setup.bind()
     message = one_line_error(setup.test())  # the server never started
     assert "would NOT unlock" in message and "cannot connect" in message
+    setup.server.start()  # the section not installed
+    message = one_line_error(setup.test())
+    assert "would NOT unlock" in message and "refused: it sent nothing" in message
 
 
 def test_a_secret_that_does_not_open_the_keyslot(setup: Setup) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import select
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from mandos_protocol.errors import ProtocolError
@@ -101,15 +101,18 @@ def secrets(config: AgentConfig, timeout: float, problems: list[str]
             return fetch_blob(server, credentials, priority, wait,
                               timeout=max(0.1, deadline - time.monotonic()))
 
-        keep_going: Callable[[], bool] = lambda: time.monotonic() < deadline  # noqa: E731
+        def keep_going() -> bool:
+            return time.monotonic() < deadline
+
         outcomes = race(servers, fetch, _wait, keep_going)
         try:
             for outcome in outcomes:
                 if outcome.error is not None:
                     problems.append(str(outcome.error))
                 elif not outcome.blob:
-                    problems.append(f"{outcome.server} refused: it sent nothing (key_id not "
-                                    "in its clients.conf, client disabled, or not approved)")
+                    problems.append(f"{outcome.server} refused: it sent nothing (key_id in "
+                                    "none of its clients.conf and clients.d/ files, client "
+                                    "disabled, or not approved)")
                 else:
                     try:
                         secret = decryptor.decrypt(outcome.blob)
