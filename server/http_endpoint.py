@@ -17,7 +17,7 @@ answers one request and is closed (``Connection: close``): scrapers reconnect ev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server.config import ConfigError
@@ -29,7 +29,7 @@ MAX_REQUEST = 8192
 MAX_CONNECTIONS = 16
 
 #: Builds the exposition for an ``Accept`` header: (body, content type).
-Exposition = Callable[[str], tuple[bytes, str]]
+Exposition = Callable[[str], Awaitable[tuple[bytes, str]]]
 
 
 #: Where ``--metrics PORT`` (no address) listens: loopback only.
@@ -119,7 +119,7 @@ class MetricsEndpoint:
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 return
             method, path, accept = _parse(head)
-            response = self._answer(method, path, accept)
+            response = await self._answer(method, path, accept)
             status = f"HTTP/1.1 {response.status} {response.reason}\r\n"
             headers = (f"Content-Type: {response.content_type}\r\n"
                        f"Content-Length: {len(response.body)}\r\n"
@@ -137,7 +137,7 @@ class MetricsEndpoint:
             self._open.discard(task)
             writer.transport.abort()  # a no-op after close(); else drops what is unsent
 
-    def _answer(self, method: str, path: str, accept: str) -> Response:
+    async def _answer(self, method: str, path: str, accept: str) -> Response:
         if not method:
             return _text(400, "Bad Request", "bad request")
         if path not in ("/metrics", "/healthz"):
@@ -149,7 +149,7 @@ class MetricsEndpoint:
             if verdict.healthy:
                 return _text(200, "OK", verdict.reason)
             return _text(503, "Service Unavailable", verdict.reason)
-        body, content_type = self.exposition(accept)
+        body, content_type = await self.exposition(accept)
         return Response(200, "OK", content_type, body)
 
 

@@ -18,6 +18,8 @@ prometheus-client is imported only here, and this module only when ``--metrics``
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -28,6 +30,11 @@ from prometheus_client.exposition import choose_encoder
 from server import events
 from server.clients import Client
 from server.events import Refusal
+
+_Family = CounterMetricFamily | GaugeMetricFamily
+
+#: The end of an OpenMetrics exposition, which each family's encoding has.
+_EOF = b"# EOF\n"
 
 #: The checker events that count as a failure: it failed or was killed, was stopped (it hung
 #: until its next turn, or the client was disabled under it), or could not be started.
@@ -65,8 +72,6 @@ class ServerMetrics:
         self.checker_failures: dict[str, int] = {}
         self.refusals = dict.fromkeys(Refusal, 0)
         self.state_write_failures = 0
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
 
     # -- counting ---------------------------------------------------------------------------
 
@@ -93,11 +98,21 @@ class ServerMetrics:
 
     # -- the exposition ---------------------------------------------------------------------
 
-    def exposition(self, accept: str) -> tuple[bytes, str]:
+    async def exposition(self, accept: str) -> tuple[bytes, str]:
         """The text for a scraper whose ``Accept`` header is ``accept``: OpenMetrics if it
-        asks for it (Prometheus does), else the Prometheus text format."""
+        asks for it (Prometheus does), else the Prometheus text format.
+
+        Built one metric family at a time, yielding to the loop in between: encoding a
+        thousand clients takes tens of milliseconds, which must not hold an unlock up in
+        one piece."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        parts = []
+        for family in self.collect():  # each family is read when it is reached
+            parts.append(encoder(_OneFamily(family)).removesuffix(_EOF))
+            await asyncio.sleep(0)
+        if content_type.startswith("application/openmetrics-text"):
+            parts.append(_EOF)
+        return b"".join(parts), content_type
 
     def collect(self) -> Iterator[Metric]:
         clients = list(self.clients)
@@ -106,7 +121,12 @@ class ServerMetrics:
         for counts in (self.secrets_sent, self.checker_failures):
             for name in [name for name in counts if name not in names]:
                 del counts[name]
-        yield from self._per_client(clients)
+        for family, value in self._per_client():
+            for client in clients:
+                number = value(client)
+                if number is not None:
+                    family.add_metric([client.name], number)
+            yield family
         refusals = CounterMetricFamily("mandos_refusals", "Connections that got no secret, "
                                        "by reason", labels=["reason"])
         for reason, count in self.refusals.items():
@@ -133,31 +153,41 @@ class ServerMetrics:
             yield GaugeMetricFamily("mandos_etcd_in_sync", "1 if this server is in sync with "
                                     "etcd, 0 if it is detached", value=int(self.etcd_in_sync()))
 
-    def _per_client(self, clients: list[Client]) -> Iterator[Metric]:
+    def _per_client(self) -> list[tuple[_Family, Callable[[Client], float | None]]]:
+        """The families labelled by client, each with its value for a client (None: none)."""
+        def timestamp(when: datetime.datetime | None) -> float | None:
+            return None if when is None else when.timestamp()
+
         labels = ["client"]
-        sent = CounterMetricFamily("mandos_secrets_sent", "Secrets sent, by client",
-                                   labels=labels)
-        failures = CounterMetricFamily("mandos_client_checker_failures", "Checkers that "
-                                       "failed, were killed or were stopped as hanging",
-                                       labels=labels)
-        enabled = GaugeMetricFamily("mandos_client_enabled", "1 if the client is enabled",
-                                    labels=labels)
-        checked = GaugeMetricFamily("mandos_client_last_checked_ok_timestamp_seconds",
-                                    "When the client's checker last succeeded (Unix time)",
-                                    labels=labels)
-        expiry = GaugeMetricFamily("mandos_client_expiry_timestamp_seconds", "When an enabled "
-                                   "client is disabled unless a checker succeeds first (Unix "
-                                   "time)", labels=labels)
-        interval = GaugeMetricFamily("mandos_client_checker_interval_seconds", "Seconds "
-                                     "between the client's checkers", labels=labels)
-        for client in clients:
-            name = [client.name]
-            sent.add_metric(name, self.secrets_sent.get(client.name, 0))
-            failures.add_metric(name, self.checker_failures.get(client.name, 0))
-            enabled.add_metric(name, int(client.enabled))
-            interval.add_metric(name, client.settings.interval.total_seconds())
-            if client.state.last_checked_ok is not None:
-                checked.add_metric(name, client.state.last_checked_ok.timestamp())
-            if client.enabled and client.expires is not None:
-                expiry.add_metric(name, client.expires.timestamp())
-        yield from (sent, failures, enabled, checked, expiry, interval)
+        return [
+            (CounterMetricFamily("mandos_secrets_sent", "Secrets sent, by client",
+                                 labels=labels),
+             lambda client: self.secrets_sent.get(client.name, 0)),
+            (CounterMetricFamily("mandos_client_checker_failures", "Checkers that failed, "
+                                 "were killed or were stopped as hanging", labels=labels),
+             lambda client: self.checker_failures.get(client.name, 0)),
+            (GaugeMetricFamily("mandos_client_enabled", "1 if the client is enabled",
+                               labels=labels),
+             lambda client: int(client.enabled)),
+            (GaugeMetricFamily("mandos_client_last_checked_ok_timestamp_seconds", "When the "
+                               "client's checker last succeeded (Unix time)", labels=labels),
+             lambda client: timestamp(client.state.last_checked_ok)),
+            (GaugeMetricFamily("mandos_client_expiry_timestamp_seconds", "When an enabled "
+                               "client is disabled unless a checker succeeds first (Unix "
+                               "time)", labels=labels),
+             lambda client: timestamp(client.expires) if client.enabled else None),
+            (GaugeMetricFamily("mandos_client_checker_interval_seconds", "Seconds between "
+                               "the client's checkers", labels=labels),
+             lambda client: client.settings.interval.total_seconds()),
+        ]
+
+
+class _OneFamily(CollectorRegistry):
+    """A registry of one metric family: what the encoders take."""
+
+    def __init__(self, family: Metric) -> None:
+        super().__init__(auto_describe=False)
+        self._family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from server.daemon import SAVE_RETRY
 from server.http_endpoint import MAX_CONNECTIONS, READ_DEADLINE
@@ -121,7 +122,11 @@ def test_promtool_accepts_the_exposition_and_openmetrics_is_offered(keys: Keys) 
         status, content_type, openmetrics = _get(
             port, "/metrics", "application/openmetrics-text; version=1.0.0")
         assert status == 200 and content_type.startswith("application/openmetrics-text")
-        assert openmetrics.endswith(b"# EOF\n")
+        assert openmetrics.count(b"# EOF\n") == 1 and openmetrics.endswith(b"# EOF\n")
+        families = {family.name: family for family in
+                    text_string_to_metric_families(openmetrics.decode())}  # raises if invalid
+        assert families["mandos_secrets_sent"].type == "counter"
+        assert len(families["mandos_secrets_sent"].samples) == 2
         assert _get(port, "/nothing")[0] == 404
 
 

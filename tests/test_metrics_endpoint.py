@@ -17,7 +17,7 @@ from server.health import Health, directory_writable
 from server.http_endpoint import MetricsEndpoint, parse_address
 
 
-def _exposition(accept: str) -> tuple[bytes, str]:
+async def _exposition(accept: str) -> tuple[bytes, str]:
     return f"metric 1\n# accept={accept}\n".encode(), "text/plain; version=0.0.4"
 
 
