@@ -108,7 +108,7 @@ class Daemon:
     def _sockets(self) -> list[socket.socket]:
         inherited = systemd.listen_fds()
         if inherited:
-            return [item.socket for item in inherited]
+            return inherited
         if self.settings.socket is not None:
             return [adopt_socket(self.settings.socket)]
         if self.settings.port is None and not self.settings.zeroconf:

@@ -2,7 +2,8 @@
 
 Entries go to journald over its native protocol (one AF_UNIX datagram of ``KEY=VALUE`` lines;
 values containing a newline use the binary-safe ``KEY\\n<le64 length><bytes>\\n`` form) when its
-socket exists, else to stderr as one readable line.  Every kind of event has a fixed
+socket exists, else to stderr as one readable line (not ``pystemd.journal.sendv``: see
+:mod:`server.systemd` for why).  Every kind of event has a fixed
 ``MESSAGE_ID``, explained in ``units/mandos-catalog.catalog``, so that an administrator can
 ``journalctl MESSAGE_ID=...`` or ``journalctl MANDOS_EVENT=secret-sent``.
 

@@ -107,7 +107,7 @@ for name, module in sorted(sys.modules.items()):
 PRIVATE = {"mandos-server": {"zeroconf", "ifaddr", "dbus_fast", "sdnotify", "inotify_simple"},
            "mandos-password-agent": {"zeroconf", "ifaddr", "gnupg", "inotify_simple",
                                      "sdnotify"}}
-FROM_DEBIAN = {"mandos-server": set(), "mandos-password-agent": {"cryptography"}}
+FROM_DEBIAN = {"mandos-server": {"pystemd"}, "mandos-password-agent": {"cryptography"}}
 OURS = {"mandos-server": ("server", "mandos_protocol"),
         "mandos-password-agent": ("password_agent", "mandos_protocol")}
 

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import select
 import shutil
 import signal
 import socket
@@ -71,11 +73,17 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 
 def test_socket_activation_and_notify(keys: Keys, tmp_path: Path,
                                       notify: NotifySocket) -> None:
+    """The server serves on the socket systemd-socket-activate passes (sd_listen_fds through
+    pystemd), notifies, and its checkers inherit neither LISTEN_* nor NOTIFY_SOCKET."""
     conf = tmp_path / "conf"
     state = tmp_path / "state"
     conf.mkdir()
     state.mkdir(mode=0o700)
-    (conf / "clients.conf").write_text(clients_conf(keys.foo_section))
+    checker_env = tmp_path / "checker-env"
+    os.mkfifo(checker_env)
+    reader = os.open(checker_env, os.O_RDONLY | os.O_NONBLOCK)
+    (conf / "clients.conf").write_text(clients_conf(
+        keys.foo_section, defaults=f"checker = env > {checker_env}\ninterval = PT1S\n"))
     port = free_port()
     argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=mandos",
             "-E", f"NOTIFY_SOCKET={notify.path}", "-E", f"PYTHONPATH={REPO}",
@@ -99,10 +107,16 @@ def test_socket_activation_and_notify(keys: Keys, tmp_path: Path,
         ready = notify.wait_for("READY=1")
         assert any(line.startswith("STATUS=1 clients, 1 enabled") for line in ready.split("\n"))
         notify.wait_for("STATUS=1 clients, 1 enabled; last secret sent to foo at ", prefix=True)
+        ready_to_read, _, _ = select.select([reader], [], [], 30)  # the first checker's env
+        assert ready_to_read, "no checker ran"
+        inherited = os.read(reader, 1 << 16).decode()
+        assert "PYTHONPATH=" in inherited
+        assert "LISTEN_" not in inherited and "NOTIFY_SOCKET" not in inherited, inherited
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
         notify.wait_for("STOPPING=1")
     finally:
+        os.close(reader)
         kill_process_group(process)
         if process.stderr is not None:
             process.stderr.close()
