@@ -10,6 +10,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.peers.prometheus import promtool
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
@@ -28,12 +30,14 @@ def _documented_metrics() -> set[str]:
     return set(re.findall(r"^\| `(mandos_[a-z_]+)`", README.read_text(), re.MULTILINE))
 
 
+@pytest.mark.peers  # promtool (Debian's prometheus)
 def test_promtool_accepts_the_rules() -> None:
     result = promtool("check", "rules", RULES)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(_alerts())} rules found" in result.stdout
 
 
+@pytest.mark.peers  # promtool (Debian's prometheus)
 def test_every_alert_has_a_unit_test_and_they_pass() -> None:
     tested = set(re.findall(r"^\s+alertname: (\w+)$", RULE_TESTS.read_text(), re.MULTILINE))
     assert tested == set(_alerts())
@@ -41,6 +45,7 @@ def test_every_alert_has_a_unit_test_and_they_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.peers  # promtool (Debian's prometheus)
 def test_the_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     """The tests can fail: with the unknown-key alert watching the wrong reason, they do."""
     shutil.copy(RULE_TESTS, tmp_path)
