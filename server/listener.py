@@ -56,6 +56,10 @@ MAX_CONNECTIONS = 4096
 #: File descriptors kept free for everything else (journal, D-Bus, checkers, state file).
 RESERVED_FDS = 64
 BACKLOG = max(socket.SOMAXCONN, 1024)
+#: Connections taken from one listening socket per turn of the loop.
+ACCEPT_BATCH = 64
+#: After accept() fails (out of file descriptors), how long a socket is left alone.
+ACCEPT_PAUSE = 0.1
 #: A flood: this many connections failing before TLS (or evicted) within FLOOD_WINDOW s.
 FLOOD_THRESHOLD = 100
 FLOOD_WINDOW = 10.0
@@ -268,26 +272,45 @@ class Listener:
         self.max_connections = (connection_budget() if max_connections is None
                                 else max_connections)
         self.floods = FloodReport(journal)
-        self._accepting: list[asyncio.Task[None]] = []
+        self._accepting: list[socket.socket] = []  # listening sockets being watched
+        self._stopping = False
         self._connections: set[asyncio.Task[None]] = set()
         #: Connections short of a finished handshake, oldest first (dicts keep order).
         self._unproven: dict[asyncio.Task[None], None] = {}
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for sock in self.sockets:
             sock.setblocking(False)
-            self._accepting.append(loop.create_task(self._accept_loop(sock)))
+            self._watch(sock)
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
+    def _watch(self, sock: socket.socket) -> None:
+        """Accept from a readiness callback that stays registered: no task to wake and no pair
+        of epoll_ctl calls per connection, as ``loop.sock_accept`` costs (issue 15: the
+        per-step wake-ups are what a lone client pays above the bare handshake)."""
+        if self._stopping:  # a pause after a failed accept() ended after stop()
+            return
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock)
+        self._accepting.append(sock)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        self._accepting.remove(sock)
+
+    def _accept_ready(self, sock: socket.socket) -> None:
+        """Take the connections waiting on ``sock``, at most :data:`ACCEPT_BATCH` a turn so
+        that a flood on one socket cannot starve the loop."""
         loop = asyncio.get_running_loop()
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
-                connection, address = await loop.sock_accept(sock)
-            except OSError as error:
+                connection, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # out of descriptors, say: pause this socket a little
                 self.journal.event(Event.SERVER_ERROR, f"accept() failed: {error.strerror}")
-                await asyncio.sleep(0.1)
-                continue
+                self._unwatch(sock)
+                loop.call_later(ACCEPT_PAUSE, self._watch, sock)
+                return
+            connection.setblocking(False)
             if len(self._connections) >= self.max_connections and not self._evict_oldest():
                 connection.close()  # every open connection is a client past its handshake
                 continue
@@ -319,7 +342,7 @@ class Listener:
         self._unproven.pop(task, None)
 
     async def _handle(self, connection: socket.socket, peer: str) -> None:
-        with connection:  # non-blocking already: loop.sock_accept made it so
+        with connection:  # non-blocking already: _accept_ready made it so
             try:
                 await self._exchange(connection, peer)
             except asyncio.CancelledError:
@@ -399,11 +422,13 @@ class Listener:
     async def stop(self) -> None:
         """Stop accepting and end every connection now (requests waiting for approval
         included)."""
-        tasks = [*self._accepting, *self._connections]
+        self._stopping = True
+        for sock in list(self._accepting):
+            self._unwatch(sock)
+        tasks = list(self._connections)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._accepting.clear()
         self.floods.close()
         for sock in self.sockets:
             sock.close()
