@@ -7,6 +7,8 @@ client is the TLS *server*, which only signs (about half the cost).  This measur
 two threads run the bare exchange (protocol line, handshake, blob, close_notify) with this
 project's GnuTLS binding over connections made beforehand, so neither side pays for accept,
 connect, an event loop, a journal or a lookup; each side's CPU is its own thread's CPU time.
+A third row adds what every server pays however it is written, one connection at a time:
+accept, TCP_NODELAY and close (the floor of a whole server at concurrency 1).
 
     python -m bench.roles [--unlocks N]
 """
@@ -28,6 +30,8 @@ from mandos_protocol.client import exchange_blob
 
 #: Connections made at a time (each holds two descriptors until it is used).
 BATCH = 200
+#: The row of :func:`_accept_to_close`: the floor of a whole server at concurrency 1.
+WHOLE = "loopback TCP, accept to close"
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,53 @@ def _exchange(pairs: list[tuple[socket.socket, socket.socket]], client: Simulate
     return cpu["server"], cpu["client"]
 
 
+def _accept_to_close(count: int, client: SimulatedClient, priority: gnutls.Priority,
+                     empty: gnutls.Credentials) -> tuple[float, float]:
+    """``count`` unlocks over fresh loopback TCP connections, one at a time, with the work that
+    every server pays and the bare exchange leaves out: accept, TCP_NODELAY, close (and the
+    client's connect and close).  The CPU seconds of each side's thread, as :func:`_exchange`.
+    This is the floor of a whole server at concurrency 1: blocking calls in one thread, no
+    event loop, no lookup, no journal."""
+    cpu: dict[str, float] = {}
+    with socket.create_server(("127.0.0.1", 0), backlog=count) as listener:
+        address = listener.getsockname()
+
+        def mandos_server() -> None:
+            started = time.thread_time()
+            for _ in range(count):
+                connection, _ = listener.accept()
+                with connection:
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    wire.parse_protocol_line(connection.recv(len(wire.PROTOCOL_LINE)))
+                    with gnutls.Session.for_mandos_server(connection.fileno(), empty,
+                                                          priority) as session:
+                        session.handshake()
+                        wire.key_id(session.peer_public_key())
+                        wire.resumable_send(session.send, client.blob)()
+                        session.bye()
+            cpu["server"] = time.thread_time() - started
+
+        def mandos_client() -> None:
+            started = time.thread_time()
+            for _ in range(count):
+                with socket.create_connection(address) as connection:
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if exchange_blob(connection, client.credentials, priority) != client.blob:
+                        raise SystemExit("the blob arrived damaged")
+            cpu["client"] = time.thread_time() - started
+
+        threads = [threading.Thread(target=mandos_server),
+                   threading.Thread(target=mandos_client)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return cpu["server"], cpu["client"]
+
+
 def measure(unlocks: int = 2000, runs: int = 3) -> list[RoleTimes]:
-    """Both roles over Unix socket pairs and over loopback TCP, ``runs`` times each."""
+    """Both roles over Unix socket pairs and over loopback TCP, ``runs`` times each, then
+    over loopback TCP with accept and close (:func:`_accept_to_close`)."""
     client = make_clients(1)[0]
     results = []
     transports: list[tuple[str, Callable[[int], list[tuple[socket.socket, socket.socket]]]]] = [
@@ -117,11 +166,14 @@ def measure(unlocks: int = 2000, runs: int = 3) -> list[RoleTimes]:
                 client_ms.append(1000 * client_cpu / unlocks)
             results.append(RoleTimes(name, statistics.median(server_ms),
                                      statistics.median(client_ms)))
+        whole = [_accept_to_close(unlocks, client, priority, empty) for _ in range(runs)]
+        results.append(RoleTimes(WHOLE, 1000 * statistics.median(s for s, _ in whole) / unlocks,
+                                 1000 * statistics.median(c for _, c in whole) / unlocks))
     return results
 
 
 def format_table(results: list[RoleTimes]) -> str:
-    lines = ["| handshake alone, over | Mandos server (TLS client) CPU ms/unlock "
+    lines = ["| handshake, over | Mandos server (TLS client) CPU ms/unlock "
              "| Mandos client (TLS server) CPU ms/unlock | server/client |", "|---|---|---|---|"]
     lines += [f"| {r.transport} | {r.mandos_server_ms:.3f} | {r.mandos_client_ms:.3f} "
               f"| {r.ratio:.2f} |" for r in results]
