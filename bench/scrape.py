@@ -1,14 +1,22 @@
 """A Prometheus-like scraper for the storm benchmark: GET ``/metrics`` every ``every`` seconds
-(ten times as often as a real Prometheus is ever set to) while the storm runs, counting the
+(far more often than a real Prometheus is ever set to) while the storm runs, counting the
 scrapes that failed and timing each one, so that ``./dev bench`` shows what scraping costs the
-unlocks (p99 side by side with a server that is not scraped)."""
+unlocks (p99 side by side with a server that is not scraped).
+
+It runs in a process of its own (``python -m bench.scrape PORT EVERY``, until its standard
+input closes, then one JSON line), as Prometheus would: a thread of the load generator would
+take the generator's GIL and slow the simulated clients instead of the server.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 #: Seconds between the starts of two scrapes.
 EVERY = 0.1
@@ -28,40 +36,64 @@ class ScrapeResult:
 
 
 class Scraper:
-    """Scrapes ``http://127.0.0.1:PORT/metrics`` in a thread from :meth:`start` to
-    :meth:`stop`, which returns what it saw.  A scrape fails on an error, a status other than
-    200 or a body without the secrets-sent counter."""
+    """Scrapes ``http://127.0.0.1:PORT/metrics`` from another process between :meth:`start`
+    and :meth:`stop`, which returns what it saw."""
 
     def __init__(self, port: int, every: float = EVERY) -> None:
-        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.port = port
         self.every = every
-        self.result = ScrapeResult()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scraper")
+        self._process: subprocess.Popen[str] | None = None
 
     def start(self) -> Scraper:
-        self._thread.start()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bench.scrape", str(self.port), str(self.every)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        # Its start-up (an interpreter, urllib) must not fall into the measured storm.
+        if self._process.stdout.readline() != "ready\n":
+            raise RuntimeError("the scraper did not start")
         return self
 
     def stop(self) -> ScrapeResult:
-        self._stop.set()
-        self._thread.join()
-        return self.result
+        assert self._process is not None
+        output, _ = self._process.communicate(timeout=30)
+        return ScrapeResult(**json.loads(output))
 
-    def _run(self) -> None:
-        while True:
-            started = time.perf_counter()
-            try:
-                with urllib.request.urlopen(self.url, timeout=10) as response:
-                    ok = response.status == 200 and b"mandos_secrets_sent_total" in \
-                        response.read()
-            except OSError:
-                ok = False
-            elapsed = time.perf_counter() - started
-            self.result.scrapes += 1
-            if ok:
-                self.result.latencies.append(elapsed)
-            else:
-                self.result.failures += 1
-            if self._stop.wait(max(0.0, self.every - elapsed)):
-                return
+
+def scrape(port: int, every: float, stop: threading.Event) -> ScrapeResult:
+    """Scrape until ``stop`` is set.  A scrape fails on an error, a status other than 200 or
+    a body without the secrets-sent counter."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    result = ScrapeResult()
+    while True:
+        started = time.perf_counter()
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                ok = response.status == 200 and b"mandos_secrets_sent_total" in response.read()
+        except OSError:
+            ok = False
+        elapsed = time.perf_counter() - started
+        result.scrapes += 1
+        if ok:
+            result.latencies.append(elapsed)
+        else:
+            result.failures += 1
+        if stop.wait(max(0.0, every - elapsed)):
+            return result
+
+
+def main() -> None:
+    port, every = int(sys.argv[1]), float(sys.argv[2])
+    stop = threading.Event()
+
+    def wait_for_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    print("ready", flush=True)
+    print(json.dumps(asdict(scrape(port, every, stop))))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,9 @@ Results are written to ``bench/results/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -184,8 +186,10 @@ def format_table(cells: list[Cell]) -> str:
 def run_storm(plan: dict[int, tuple[int, int]], clients: list[SimulatedClient], repeat: int,
               with_upstream: bool, with_scrape: bool = False) -> list[Cell]:
     """Every level of ``plan`` against each server, the whole plan ``repeat`` times (servers
-    alternating, each started afresh), so that the medians smooth out a noisy machine.  With
-    ``with_scrape``, our server once more, scraped (``ours+scrape``, as many unlocks)."""
+    started afresh for each run), so that the medians smooth out a noisy machine.  With
+    ``with_scrape``, our server once more, scraped (``ours+scrape``, as many unlocks): both of
+    ours run at once and take turns at each level, so that a load on the machine that comes
+    and goes hits them alike."""
     metrics_port = free_port() if with_scrape else None
     servers: list[tuple[str, Callable[[], AbstractContextManager[tuple[int, int]]]]] = [
         ("ours", lambda: our_server(clients_conf(clients)))]
@@ -195,10 +199,15 @@ def run_storm(plan: dict[int, tuple[int, int]], clients: list[SimulatedClient], 
         sections = clients_conf(clients).split("\n\n", 1)[1]
         servers.append(("upstream", lambda: upstream_server(sections)))
     cells = {(name, level): Cell(name, level, []) for name, _ in servers for level in plan}
-    for run in range(repeat):
-        for name, start in servers:
-            with start() as (pid, port):
-                for concurrency, counts in plan.items():
+    # Our two take turns at each level; upstream runs alone, after them: the forks it leaves
+    # behind when it collapses must not slow ours down.
+    groups = [[entry for entry in servers if entry[0] != "upstream"],
+              [entry for entry in servers if entry[0] == "upstream"]]
+    for run, group in itertools.product(range(repeat), [group for group in groups if group]):
+        with contextlib.ExitStack() as stack:
+            started = {name: stack.enter_context(start()) for name, start in group}
+            for concurrency, counts in plan.items():
+                for name, (pid, port) in started.items():
                     unlocks = counts[1] if name == "upstream" else counts[0]
                     if unlocks:
                         print(f"run {run + 1}/{repeat} {name}: {unlocks} unlocks at "
