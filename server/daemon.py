@@ -38,6 +38,7 @@ from server.config import (
 )
 from server.configwatch import ClientsDirWatch
 from server.events import By
+from server.fleet_store import FleetSettings
 from server.health import Health, directory_writable
 from server.http_endpoint import MetricsEndpoint, parse_address
 from server.journal import ERR, NOTICE, WARNING, Event, Journal, journalled_publisher
@@ -131,6 +132,7 @@ class Daemon:
             priority = Priority(self.settings.priority)
         except ProtocolError as error:
             raise ConfigError(f"priority: {error}") from None
+        FleetSettings.from_server(self.settings)  # a bad --etcd stops the start here
         self.watch.start()  # before reading: a change from now on is seen
         self.configuration = load_configuration(self.settings.configdir)
         self.configs = self.configuration.clients
@@ -181,7 +183,6 @@ class Daemon:
         if not self.settings.etcd:
             return
         from server.fleet import FleetSync  # lazy: gRPC costs 100 ms to import
-        from server.fleet_store import FleetSettings
 
         settings = FleetSettings.from_server(self.settings)
         assert settings is not None

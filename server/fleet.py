@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -33,7 +34,8 @@ from etcd3aio.errors import EtcdError
 from server import events
 from server.clients import ClientTable, utcnow
 from server.events import By
-from server.fleet_store import Change, EtcdStore, FleetSettings, Kind, Record, Schema
+from server.fleet_etcd import MAX_TXN_OPS, EtcdStore
+from server.fleet_store import Change, FleetSettings, Kind, Record, Schema
 
 #: Seconds a server's lease lives without a refresh: how long a dead server holds its checkers.
 LEASE_TTL = 2
@@ -238,11 +240,14 @@ class FleetSync:
                 await self._flush()
 
     async def _flush(self) -> None:
+        """Write what is pending, in transactions of many keys (a start-up with thousands of
+        clients, or the return from an outage)."""
         while self._pending:
-            key, value = next(iter(self._pending.items()))
-            await self.store.put(key, value)
-            if self._pending.get(key) == value:
-                del self._pending[key]
+            batch = list(itertools.islice(self._pending.items(), MAX_TXN_OPS))
+            await self.store.put_many(batch)
+            for key, value in batch:
+                if self._pending.get(key) == value:
+                    del self._pending[key]
 
     # -- what happens here ------------------------------------------------------------------
 

@@ -15,32 +15,25 @@ percent-encoded, so that any section name makes one path element:
 ``clients/NAME/approval``
     the last approval or denial, by which server and when.
 
-Each value is one small JSON object (a :class:`Record`).  The connection is etcd3aio's asyncio
-gRPC client, with TLS (a CA, a client certificate and key) when the endpoints are ``https://``.
+Each value is one small JSON object (a :class:`Record`).  Nothing here needs etcd's client
+library (:mod:`server.fleet_etcd` has the connection), so the settings are checked at start-up
+before it is imported.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
+import importlib.util
 import json
 import urllib.parse
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-from etcd3aio import Etcd3Client
-from etcd3aio.kv import prefix_range_end
 
 from server.config import ConfigError, ServerSettings
 
 Kind = Literal["enabled", "checked", "secret-sent", "approval"]
 KINDS: tuple[Kind, ...] = ("enabled", "checked", "secret-sent", "approval")
-
-#: Seconds an etcd request may take before the server counts etcd as unreachable.
-REQUEST_TIMEOUT = 2.0
-
 
 @dataclass(frozen=True)
 class FleetSettings:
@@ -83,6 +76,9 @@ class FleetSettings:
             raise ConfigError("etcd: https:// needs etcd_cacert (the CA of the etcd cluster)")
         if (files["cert"] is None) != (files["key"] is None):
             raise ConfigError("etcd: give both etcd_cert and etcd_key, or neither")
+        if importlib.util.find_spec("etcd3aio") is None:
+            raise ConfigError("etcd: the Python package etcd3aio (and with it grpcio and "
+                              "protobuf) is not installed; see docs/fleet.md")
         prefix = settings.etcd_prefix
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ConfigError(f"etcd_prefix: {prefix!r} must start and end with /")
@@ -183,64 +179,3 @@ class Change:
     key: bytes
     value: bytes | None
     revision: int
-
-
-class EtcdStore:
-    """The connection to etcd: reads, writes, one watch of the prefix, a lease."""
-
-    def __init__(self, settings: FleetSettings) -> None:
-        self.settings = settings
-        def read(path: Path | None) -> bytes | None:
-            return path.read_bytes() if path is not None else None
-
-        server_name = settings.endpoints[0].rsplit(":", 1)[0] if settings.tls else None
-        self.client = Etcd3Client(list(settings.endpoints), rpc_max_attempts=1,
-                                  watch_max_reconnect_backoff_seconds=0.5,
-                                  tls_server_name=server_name, ca_cert=read(settings.cacert),
-                                  cert_key=read(settings.key), cert_chain=read(settings.cert))
-
-    async def connect(self) -> None:
-        await self.client.connect()
-
-    async def close(self) -> None:
-        await self.client.close()
-
-    async def snapshot(self, prefix: str) -> tuple[int, list[Change]]:
-        """Every key under ``prefix`` now, and the revision they are at."""
-        assert self.client.kv is not None
-        response = await self.client.kv.get(prefix, range_end=prefix_range_end(prefix),
-                                            timeout=REQUEST_TIMEOUT)
-        return response.header.revision, [Change(kv.key, kv.value, kv.mod_revision)
-                                          for kv in response.kvs]
-
-    async def watch(self, prefix: str, revision: int) -> AsyncIterator[list[Change]]:
-        """The changes under ``prefix`` after ``revision``, as etcd reports them."""
-        assert self.client.watch is not None
-        async for response in self.client.watch.watch(
-                prefix, range_end=prefix_range_end(prefix), start_revision=revision + 1):
-            yield [Change(event.kv.key, None if event.type == 1 else event.kv.value,
-                          event.kv.mod_revision) for event in response.events]
-
-    async def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
-        assert self.client.kv is not None
-        await self.client.kv.put(key, value, lease=lease, timeout=REQUEST_TIMEOUT)
-
-    async def grant(self, ttl: int) -> int:
-        assert self.client.lease is not None
-        return int((await self.client.lease.grant(ttl=ttl, timeout=REQUEST_TIMEOUT)).ID)
-
-    async def revoke(self, lease: int) -> None:
-        assert self.client.lease is not None
-        await self.client.lease.revoke(lease, timeout=REQUEST_TIMEOUT)
-
-    async def keepalive(self, lease: int) -> int:
-        """Refresh the lease; its remaining TTL (0 once it has expired)."""
-        assert self.client.lease is not None
-        stream = self.client.lease.keep_alive(lease)
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                async for response in stream:
-                    return int(response.TTL)
-        finally:
-            stream.cancel()
-        return 0
