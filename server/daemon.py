@@ -133,6 +133,9 @@ class Daemon:
         except ProtocolError as error:
             raise ConfigError(f"priority: {error}") from None
         FleetSettings.from_server(self.settings)  # a bad --etcd stops the start here
+        if self._metrics_address is not None:  # first: a port in use stops the start here
+            self.metrics_endpoint = MetricsEndpoint(self.health)
+            self.metrics_endpoint.bind(*self._metrics_address)
         self.watch.start()  # before reading: a change from now on is seen
         self.configuration = load_configuration(self.settings.configdir)
         self.configs = self.configuration.clients
@@ -207,7 +210,7 @@ class Daemon:
 
     async def _serve_metrics(self) -> None:
         """With ``--metrics``: /metrics and /healthz (:mod:`server.http_endpoint`)."""
-        if self._metrics_address is None:
+        if self.metrics_endpoint is None:
             return
         from server.metrics import ServerMetrics  # lazy: prometheus-client only if asked for
 
@@ -219,8 +222,7 @@ class Daemon:
             fleet = self.fleet
             self.health.add(fleet.status)  # None while in sync
             self.metrics.etcd_in_sync = lambda: not fleet.detached
-        self.metrics_endpoint = MetricsEndpoint(self.metrics.exposition, self.health)
-        await self.metrics_endpoint.start(*self._metrics_address)
+        await self.metrics_endpoint.start(self.metrics.exposition)
 
     def _serving_problem(self) -> str | None:
         return "stopping" if self._stop.is_set() else None

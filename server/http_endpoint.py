@@ -17,6 +17,7 @@ answers one request and is closed (``Connection: close``): scrapers reconnect ev
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -69,21 +70,41 @@ def _text(status: int, reason: str, body: str) -> Response:
 
 
 class MetricsEndpoint:
-    """Listens on (host, port) and answers until :meth:`stop`."""
+    """Listens on (host, port) from :meth:`bind` on, and answers from :meth:`start` until
+    :meth:`stop`.  The socket is bound first thing at start-up, so that an address in use
+    stops the server before it does anything else; the answers need the running server."""
 
-    def __init__(self, exposition: Exposition, health: Health) -> None:
-        self.exposition = exposition
+    def __init__(self, health: Health) -> None:
         self.health = health
+        self.exposition: Exposition | None = None
+        self._socket: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int) -> None:
+    def bind(self, host: str, port: int) -> None:
         try:
-            self._server = await asyncio.start_server(
-                self._connection, host, port, reuse_address=True, limit=MAX_REQUEST)
+            family, kind, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.socket(family, kind)
+        except (OSError, UnicodeError) as error:
+            raise ConfigError(f"metrics: cannot listen on {host} port {port}: "
+                              f"{getattr(error, 'strerror', None) or error}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(MAX_CONNECTIONS)
         except OSError as error:
+            sock.close()
             raise ConfigError(f"metrics: cannot listen on {host} port {port}: "
                               f"{error.strerror}") from None
+        self._socket = sock
+
+    async def start(self, exposition: Exposition) -> None:
+        """Answer on the bound socket, with ``exposition`` for /metrics."""
+        assert self._socket is not None
+        self.exposition = exposition
+        self._server = await asyncio.start_server(self._connection, sock=self._socket,
+                                                  limit=MAX_REQUEST)
 
     @property
     def connections(self) -> int:
@@ -92,11 +113,13 @@ class MetricsEndpoint:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._socket is not None
+        return int(self._socket.getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is None:
+            if self._socket is not None:
+                self._socket.close()
             return
         self._server.close()
         for task in list(self._open):
@@ -149,6 +172,7 @@ class MetricsEndpoint:
             if verdict.healthy:
                 return _text(200, "OK", verdict.reason)
             return _text(503, "Service Unavailable", verdict.reason)
+        assert self.exposition is not None
         body, content_type = await self.exposition(accept)
         return Response(200, "OK", content_type, body)
 

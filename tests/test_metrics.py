@@ -208,18 +208,33 @@ def test_silent_scrapers_delay_no_unlock(keys: Keys) -> None:
                 sock.close()
 
 
-@pytest.mark.parametrize("value", ["host", "::1:9120", "127.0.0.1:0", "127.0.0.1:70000"])
-def test_a_bad_metrics_address_is_one_line_and_exit_1(tmp_path: Path, value: str) -> None:
-    (tmp_path / "clients.conf").write_text("")
+def _start_failure(directory: Path, metrics: str) -> str:
+    """Start the server with ``--metrics=metrics``, which must fail: its stderr."""
+    (directory / "clients.conf").write_text("")
     result = subprocess.run(
-        [*SERVER, f"--configdir={tmp_path}", f"--statedir={tmp_path}", "--no-dbus",
-         "--no-zeroconf", "--port=0", f"--metrics={value}"],
+        [*SERVER, f"--configdir={directory}", f"--statedir={directory}", "--no-dbus",
+         "--no-zeroconf", "--port=0", f"--metrics={metrics}"],
         capture_output=True, text=True, timeout=30, check=False,
         env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-             "MANDOS_JOURNAL_SOCKET": str(tmp_path / "none")})
+             "MANDOS_JOURNAL_SOCKET": str(directory / "none")})
     assert result.returncode == 1, result.stderr
-    assert result.stderr.startswith(f"mandos-server: metrics {value!r}:"), result.stderr
-    assert len(result.stderr.splitlines()) == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("value", ["host", "::1:9120", "127.0.0.1:0", "127.0.0.1:70000"])
+def test_a_bad_metrics_address_is_one_line_and_exit_1(tmp_path: Path, value: str) -> None:
+    assert _start_failure(tmp_path, value).startswith(f"mandos-server: metrics {value!r}:")
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _start_failure(tmp_path, str(port)) == (
+            f"mandos-server: metrics: cannot listen on 127.0.0.1 port {port}: "
+            "Address already in use\n")
 
 
 def test_metrics_are_off_by_default(keys: Keys) -> None:

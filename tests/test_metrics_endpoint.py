@@ -34,8 +34,9 @@ async def _request(port: int, raw: bytes) -> bytes:
 def _run(test: Callable[[MetricsEndpoint, Health], Coroutine[Any, Any, None]]) -> None:
     async def main() -> None:
         health = Health()
-        endpoint = MetricsEndpoint(_exposition, health)
-        await endpoint.start("127.0.0.1", 0)
+        endpoint = MetricsEndpoint(health)
+        endpoint.bind("127.0.0.1", 0)
+        await endpoint.start(_exposition)
         try:
             await test(endpoint, health)
         finally:
