@@ -63,8 +63,8 @@ class ServerMetrics:
 
     ``clients`` is the client table (iterated at each scrape); ``connections`` the listener;
     ``state_writable`` says whether the state can be saved (the last write succeeded and the
-    directory takes files).  :attr:`etcd_in_sync` is set by the fleet sync, when there is
-    one; without it ``mandos_etcd_in_sync`` is not exported."""
+    directory takes files).  :attr:`etcd_in_sync` is set when the server has a fleet sync
+    (``--etcd``); without it ``mandos_etcd_in_sync`` is not exported."""
 
     def __init__(self, clients: Iterable[Client], connections: Connections,
                  state_writable: Callable[[], bool]) -> None:
