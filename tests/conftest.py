@@ -26,7 +26,7 @@ PEER_PROGRAMS = (
     upstream.MANDOS, upstream.MANDOS_KEYGEN, upstream.MANDOS_CTL, upstream.MANDOS_CLIENT,
     JOURNALD, "certtool", "gpg", "dbus-daemon", "ip", "unshare", "nsenter", "timeout",
     "journalctl", "systemd-ask-password", "systemd-analyze", "systemd-socket-activate",
-    "avahi-daemon", "tmux", "fping", "groff", "etcd", "etcdctl",
+    "avahi-daemon", "tmux", "fping", "groff", "etcd", "etcdctl", "prometheus", "promtool",
 )
 
 
