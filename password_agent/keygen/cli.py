@@ -22,7 +22,7 @@ import argparse
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -230,23 +230,31 @@ def run(args: argparse.Namespace) -> None:
     sys.stdout.write(section)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    forbid_core_dumps()  # new private keys and the disk password pass through this process
-    # SIGTERM and SIGHUP are recorded and acted on after the gpg step under way, so that the
-    # temporary GnuPG home with the new secret key is removed (by default they would kill us
-    # at once and leave it).  SIGINT stays KeyboardInterrupt: it must end a password prompt.
+def run_key_command(prog: str, command: Callable[[], None]) -> int:
+    """Run ``command`` as a key tool (``mandos-keygen``, ``mandos-luks``) must, and return the
+    exit status: 0, 1 with the error on one line, or the stop signal's.
+
+    SIGTERM and SIGHUP are recorded and acted on after the gpg step under way, so that the
+    temporary GnuPG home with the new secret key is removed (by default they would kill us at
+    once and leave it).  SIGINT stays KeyboardInterrupt: it must end a password prompt.
+    """
     stopsignal.install((signal.SIGTERM, signal.SIGHUP))
     try:
-        run(args)
+        command()
     except AgentError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         return 1
     except stopsignal.Terminated as stop:
-        print(f"{PROG}: stopped by {stop}", file=sys.stderr)
+        print(f"{prog}: stopped by {stop}", file=sys.stderr)
         return 128 + (stopsignal.received() or signal.SIGTERM)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    forbid_core_dumps()  # new private keys and the disk password pass through this process
+    return run_key_command(PROG, lambda: run(args))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -23,7 +22,6 @@ from typing import NoReturn
 from mandos_protocol import durable
 from mandos_protocol.coredump import forbid_core_dumps
 from mandos_protocol.version import version_line
-from password_agent import stopsignal
 from password_agent.agent import AgentConfig
 from password_agent.cli import build_parser as build_agent_parser
 from password_agent.cli import config_from_arguments
@@ -35,6 +33,7 @@ from password_agent.keygen.cli import (
     create_keys,
     key_spec,
     load_client_keys,
+    run_key_command,
 )
 from password_agent.keygen.files import default_directory
 from password_agent.keygen.password import SshHostKey, scan_local_ssh_key
@@ -192,8 +191,15 @@ def _deliver(section: str, args: argparse.Namespace) -> None:
         raise AgentError(f"cannot write {args.section_file}: {error.strerror}") from None
 
 
-def _where(args: argparse.Namespace) -> str:
-    return "printed above" if args.section_file is None else f"in {args.section_file}"
+def _hand_over(section: str, args: argparse.Namespace, done: str, placement: str,
+               then: str) -> None:
+    """Deliver the new ``section`` and tell the admin what was ``done`` and the steps left:
+    install the section on the server (``placement`` says where), reload it, and run
+    ``PROG then DEVICE``."""
+    _deliver(section, args)
+    where = "printed above" if args.section_file is None else f"in {args.section_file}"
+    print(f"{PROG}: {done}; install the section {where} on the Mandos server {placement}, "
+          f"reload it, then run {PROG} {then} {args.device}", file=sys.stderr)
 
 
 def run_bind(args: argparse.Namespace) -> None:
@@ -210,11 +216,10 @@ def run_bind(args: argparse.Namespace) -> None:
         print(f"{PROG}: made the client's keys in {directory}", file=sys.stderr)
     keys = load_client_keys(directory)
     enrolment = bindings.add_binding(header, keys, name, args.key_file, _host_key(args))
-    _deliver(enrolment.section, args)
-    print(f"{PROG}: bound keyslot {enrolment.binding.keyslot} of {args.device} (token "
-          f"{enrolment.binding.token_id}, client {name}); install the section "
-          f"{_where(args)} on the Mandos server (clients.d/{name}.conf), reload it, then run "
-          f"{PROG} test {args.device}", file=sys.stderr)
+    _hand_over(enrolment.section, args,
+               f"bound keyslot {enrolment.binding.keyslot} of {args.device} (token "
+               f"{enrolment.binding.token_id}, client {name})",
+               f"(clients.d/{name}.conf)", "test")
 
 
 def run_test(args: argparse.Namespace) -> None:
@@ -257,11 +262,10 @@ def run_rotate(args: argparse.Namespace) -> None:
     name = check_name(args.name) if args.name is not None else None
     keys = load_client_keys(args.keydir)
     enrolment = bindings.start_rotation(header, keys, name, args.key_file, _host_key(args))
-    _deliver(enrolment.section, args)
-    print(f"{PROG}: added keyslot {enrolment.binding.keyslot} beside keyslot "
-          f"{enrolment.binding.replaces} of {args.device}; install the new section "
-          f"{_where(args)} on the Mandos server in place of the old one, reload it, then run "
-          f"{PROG} rotate --finish {args.device}", file=sys.stderr)
+    _hand_over(enrolment.section, args,
+               f"added keyslot {enrolment.binding.keyslot} beside keyslot "
+               f"{enrolment.binding.replaces} of {args.device}",
+               "in place of the old one", "rotate --finish")
 
 
 def run_list(args: argparse.Namespace) -> None:
@@ -281,18 +285,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     forbid_core_dumps()  # new keys and fetched secrets pass through this process
     logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False)
                         else logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
-    # As mandos-keygen: SIGTERM and SIGHUP are acted on between steps, so that the temporary
-    # GnuPG home is removed; SIGINT stays KeyboardInterrupt.
-    stopsignal.install((signal.SIGTERM, signal.SIGHUP))
-    try:
-        COMMANDS[args.command](args)
-    except AgentError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
-        return 1
-    except stopsignal.Terminated as stop:
-        print(f"{PROG}: stopped by {stop}", file=sys.stderr)
-        return 128 + (stopsignal.received() or signal.SIGTERM)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_key_command(PROG, lambda: COMMANDS[args.command](args))
