@@ -38,9 +38,9 @@ from server.fleet_etcd import MAX_TXN_OPS, EtcdStore
 from server.fleet_store import Change, FleetSettings, Kind, Record, Schema
 
 #: Seconds a server's lease lives without a refresh: how long a dead server holds its checkers.
-LEASE_TTL = 2
+LEASE_TTL = 5
 #: Seconds between two lease refreshes (each one also tells whether etcd has a quorum).
-REFRESH_INTERVAL = 0.5
+REFRESH_INTERVAL = 1.0
 #: Seconds between two tries to reach etcd while detached.
 RETRY_INTERVAL = 0.5
 #: Seconds the start-up waits for a first sync before serving detached.
@@ -132,15 +132,23 @@ class FleetSync:
                 while True:
                     await asyncio.sleep(REFRESH_INTERVAL)
                     if await self.store.keepalive(self._lease) <= 0:
-                        raise TimeoutError("this server's lease expired")
+                        # etcd answers, but the lease ran out (this server's loop was busy
+                        # for longer than its TTL): register again, the watch goes on.
+                        await self._register()
+                        self._log("Fleet: this server's lease had run out (the server was "
+                                  "too busy to refresh it); registered again", True)
             except FAILURES as error:
                 self._detach(_describe(error))
             await asyncio.sleep(RETRY_INTERVAL)
 
-    async def _attach(self) -> None:
+    async def _register(self) -> None:
+        """Take a lease, and this server's key under ``servers/`` with it."""
         self._lease = await self.store.grant(LEASE_TTL)
         await self.store.put(self.schema.server_key(self.server_id),
                              f'{{"since":"{utcnow().isoformat()}"}}'.encode(), self._lease)
+
+    async def _attach(self) -> None:
+        await self._register()
         revision, changes = await self.store.snapshot(self.settings.prefix)
         self.servers = set()
         remote: dict[tuple[str, Kind], Record] = {}

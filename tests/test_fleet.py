@@ -18,7 +18,7 @@ from tests.peers.dbus import PrivateSystemBus
 from tests.peers.etcd import EtcdCluster
 from tests.peers.ours import JournalSink, OurServer, clients_conf, fetch, set_options
 from tests.peers.upstream import run_upstream_client, section_secret
-from tests.test_dbus_api import ctl
+from tests.test_dbus_api import ctl, dump
 from tests.test_server_systemd import NotifySocket
 
 pytestmark = pytest.mark.interop
@@ -90,6 +90,7 @@ def test_a_disable_on_one_server_holds_on_the_other(pair: Fleet, keys: Keys) -> 
     assert fetch(keys.foo, "127.0.0.1", b.server.port) == section_secret(keys.foo_section)
     a.ctl("--disable", "foo")
     b.journal.wait_for("client-disabled", MANDOS_CLIENT="foo")
+    assert dump(b.bus)["foo"]["Enabled"] is False  # B's D-Bus object says so too
     refused = run_upstream_client(keys.foo, b.server.connect, timeout=3)
     assert refused.returncode == 124 and refused.stdout == b""
     b.journal.wait_for("refused-disabled", MANDOS_CLIENT="foo")
@@ -166,7 +167,7 @@ def test_each_checker_runs_on_one_server_and_moves_when_it_dies(etcd: EtcdCluste
         survivors = [m for m in members if m is not victim]
         marks = {(id(m), n): len(m.journal.find("checker-started", MANDOS_CLIENT=n))
                  for m in survivors for n in names}
-        for name in orphans:  # lease TTL (2 s) + one interval (2 s), with room to spare
+        for name in orphans:  # lease TTL (5 s) + one interval (2 s), with room to spare
             _wait(functools.partial(lambda n: turns(survivors, n) > 0, name), timeout=15)
 
 
