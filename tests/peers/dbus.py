@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from tests.peers.process import stop_process
 
 _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -92,13 +93,7 @@ class PrivateSystemBus:
 
     def stop(self) -> None:
         if self._process is not None:
-            if self._process.poll() is None:
-                self._process.send_signal(signal.SIGTERM)
-                try:
-                    self._process.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
+            stop_process(self._process)
             self._process = None
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.peers.leaks import WATCH
+from tests.peers.process import stop_process
 
 JOURNALD = "/lib/systemd/systemd-journald"
 
@@ -129,12 +130,7 @@ class PrivateJournal:
             return
         if self.process.poll() is None:
             self._scan_for_secrets()
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._stderr.close()
         # The tmpfs mounts vanish with the last process of the namespace.
         self.process = None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -22,6 +21,7 @@ from types import TracebackType
 from mandos_protocol.client import exchange_blob
 from mandos_protocol.gnutls import Credentials, Priority
 from tests.peers.leaks import WATCH
+from tests.peers.process import stop_process
 from tests.peers.upstream import KeySet, free_port, listening_ports
 
 SERVER = [sys.executable, "-m", "server"]
@@ -187,18 +187,16 @@ class OurServer:
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
+        """SIGTERM and wait; returns the exit status.  A server still running after ``timeout``
+        is killed, and fails the test."""
         if self.process is None:
             return 0
         process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
+        status = stop_process(process, timeout)
+        if status is None:
+            raise AssertionError(f"the server ignored SIGTERM for {timeout:g} s and was killed:\n"
+                                 + self.stderr())
+        return status
 
     def close(self) -> None:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.peers.process import stop_process
 from tests.peers.upstream import free_port
 
 PROMETHEUS = "prometheus"
@@ -179,13 +179,7 @@ class Prometheus:
     def stop(self) -> None:
         if self.process is not None:
             process, self.process = self.process, None
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, 10)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> Prometheus:
