@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import tempfile
@@ -101,7 +102,8 @@ def table(bases: Bases, generic: int, flavours: list[Flavour], runs: int) -> str
     growth = theirs.size - bases.hostonly
     generic_growth = generic - bases.generic
     lines = [f"Boot benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
-             f"{runs} boots of each, interleaved, medians; TCG; both images host-only.",
+             f"{runs} boots of each, interleaved, medians; TCG; both images host-only; load "
+             f"average at the end {os.getloadavg()[0]:.1f}.",
              "",
              "| | ours | upstream | ours/upstream |",
              "|---|---|---|---|",
