@@ -79,19 +79,22 @@ def priorities(journal: PrivateJournal) -> dict[str, set[str]]:
     return found
 
 
-def stream_environment(stream: socket.socket) -> dict[str, str]:
-    status = os.fstat(stream.fileno())
-    return {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+def priorities_logged(journal: PrivateJournal, requests: Path, keys: Keys, tmp_path: Path,
+                      log_level: str) -> dict[str, set[str]]:
+    """Run the agent with its stderr on a journal stream, as a unit's is, and
+    ``SYSTEMD_LOG_LEVEL=log_level``: the :func:`priorities` it logged at."""
+    with journal_stream(journal) as stream:
+        status = os.fstat(stream.fileno())
+        environment = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}",
+                       "SYSTEMD_LOG_LEVEL": log_level}
+        assert run_agent(requests, keys, tmp_path, stream.fileno(), environment) == 1
+    return priorities(journal)
 
 
 def test_warnings_and_errors_carry_their_priority(private_journal: PrivateJournal,
                                                   requests: Path, keys: Keys,
                                                   tmp_path: Path) -> None:
-    with journal_stream(private_journal) as stream:
-        status = run_agent(requests, keys, tmp_path, stream.fileno(),
-                           {**stream_environment(stream), "SYSTEMD_LOG_LEVEL": ""})
-    assert status == 1
-    found = priorities(private_journal)
+    found = priorities_logged(private_journal, requests, keys, tmp_path, "")
     by_priority = {priority: [start for start, values in found.items() if priority in values]
                    for priority in ("3", "4", "6")}
     assert any(s.startswith("cannot create the private") for s in by_priority["4"]), found
@@ -104,11 +107,7 @@ def test_warnings_and_errors_carry_their_priority(private_journal: PrivateJourna
 def test_systemd_log_level_leaves_out_the_lower_priorities(private_journal: PrivateJournal,
                                                           requests: Path, keys: Keys,
                                                           tmp_path: Path) -> None:
-    with journal_stream(private_journal) as stream:
-        status = run_agent(requests, keys, tmp_path, stream.fileno(),
-                           {**stream_environment(stream), "SYSTEMD_LOG_LEVEL": "warning"})
-    assert status == 1
-    found = priorities(private_journal)
+    found = priorities_logged(private_journal, requests, keys, tmp_path, "warning")
     assert {value for values in found.values() for value in values} == {"3", "4"}, found
 
 
