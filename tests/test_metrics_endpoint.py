@@ -121,3 +121,30 @@ def test_a_missing_directory_is_not_writable(tmp_path: Path) -> None:
     assert directory_writable(tmp_path) is None
     assert directory_writable(tmp_path / "missing") == (
         f"state directory {tmp_path / 'missing'} is not writable")
+
+
+def test_an_ipv6_address_answers() -> None:
+    """``--metrics [::1]:PORT`` listens on IPv6 (the address family comes from the address)."""
+    async def main() -> None:
+        endpoint = MetricsEndpoint(Health())
+        endpoint.bind(parse_address("[::1]:9120")[0], 0)  # any free port
+        await endpoint.start(_exposition)
+        try:
+            reader, writer = await asyncio.open_connection("::1", endpoint.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert (await reader.read()).endswith(b"\r\n\r\nok\n")
+            writer.close()
+        finally:
+            await endpoint.stop()
+
+    asyncio.run(main())
+
+
+def test_an_address_in_use_is_a_config_error() -> None:
+    first, second = MetricsEndpoint(Health()), MetricsEndpoint(Health())
+    first.bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(ConfigError, match=r"Address already in use$"):
+            second.bind("127.0.0.1", first.port)
+    finally:
+        asyncio.run(first.stop())
