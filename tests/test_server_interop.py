@@ -9,10 +9,21 @@ import time
 import pytest
 
 from tests.conftest import Keys
-from tests.peers.ours import OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import run_upstream_client, section_secret
+from tests.peers.ours import JournalSink, OurServer, clients_conf, fetch, set_options
+from tests.peers.upstream import KeySet, run_upstream_client, section_secret
 
 pytestmark = pytest.mark.interop
+
+
+def refused(server: OurServer, keys: KeySet) -> JournalSink:
+    """Run upstream's client with ``keys`` against ``server`` and check that it got nothing:
+    refused, it retries until ``timeout`` ends it (status 124), having printed nothing.  The
+    server's journal, which says why."""
+    result = run_upstream_client(keys, server.connect, 3)
+    assert result.returncode == 124, result.stderr.decode(errors="replace")
+    assert result.stdout == b""
+    assert server.journal is not None
+    return server.journal
 
 
 @pytest.mark.parametrize(("address", "ipv6"), [
@@ -35,11 +46,7 @@ def test_real_client_gets_password(keys: Keys, address: str, ipv6: bool) -> None
 
 def test_unknown_key_gets_nothing(keys: Keys) -> None:
     with OurServer(clients_conf(keys.foo_section)) as server:
-        result = run_upstream_client(keys.bar, server.connect, 3)
-        assert result.returncode == 124
-        assert result.stdout == b""
-        assert server.journal is not None
-        found = server.journal.wait_for("client-not-found")
+        found = refused(server, keys.bar).wait_for("client-not-found")
         assert found[0]["MANDOS_KEY_ID"] == keys.bar.key_id
         assert found[0]["MANDOS_PEER"] == "127.0.0.1"
         # The same refusal, seen at the protocol level: 0 bytes, then close_notify.
@@ -50,25 +57,19 @@ def test_unknown_key_gets_nothing(keys: Keys) -> None:
 def test_disabled_client_gets_nothing(keys: Keys) -> None:
     conf = clients_conf(set_options(keys.foo_section, enabled="no"))
     with OurServer(conf) as server:
-        result = run_upstream_client(keys.foo, server.connect, 3)
-        assert result.returncode == 124
-        assert result.stdout == b""
-        assert server.journal is not None
-        server.journal.wait_for("refused-disabled", MANDOS_CLIENT="foo")
-        assert not server.journal.find("secret-sent")
+        journal = refused(server, keys.foo)
+        journal.wait_for("refused-disabled", MANDOS_CLIENT="foo")
+        assert not journal.find("secret-sent")
 
 
 def test_denied_by_default_gets_nothing(keys: Keys) -> None:
     conf = clients_conf(set_options(keys.foo_section, approval_delay="PT1S",
                                     approved_by_default="False"))
     with OurServer(conf) as server:
-        result = run_upstream_client(keys.foo, server.connect, 3)
-        assert result.returncode == 124
-        assert result.stdout == b""
-        assert server.journal is not None
-        server.journal.wait_for("needs-approval", MANDOS_CLIENT="foo")
-        server.journal.wait_for("approval-timed-out", MANDOS_CLIENT="foo")
-        assert not server.journal.find("secret-sent")
+        journal = refused(server, keys.foo)
+        journal.wait_for("needs-approval", MANDOS_CLIENT="foo")
+        journal.wait_for("approval-timed-out", MANDOS_CLIENT="foo")
+        assert not journal.find("secret-sent")
 
 
 def test_approved_by_default_after_delay(keys: Keys) -> None:
