@@ -58,18 +58,18 @@ class Header:
     bindings: tuple[Binding, ...]
 
     def free_keyslot(self) -> int:
-        for slot in range(MAX_KEYSLOTS):
-            if slot not in self.keyslots:
-                return slot
-        raise AgentError(f"no free keyslot in {self.device}: all {MAX_KEYSLOTS} are in use; "
-                         "remove one with cryptsetup luksKillSlot or mandos-luks unbind")
+        return self._first_free("keyslot", self.keyslots, MAX_KEYSLOTS,
+                                "cryptsetup luksKillSlot or mandos-luks unbind")
 
     def free_token(self) -> int:
-        for token in range(MAX_TOKENS):
-            if token not in self.token_ids:
-                return token
-        raise AgentError(f"no free token in {self.device}: all {MAX_TOKENS} are in use; "
-                         "remove one with cryptsetup token remove")
+        return self._first_free("token", self.token_ids, MAX_TOKENS, "cryptsetup token remove")
+
+    def _first_free(self, what: str, used: frozenset[int], limit: int, remover: str) -> int:
+        for number in range(limit):
+            if number not in used:
+                return number
+        raise AgentError(f"no free {what} in {self.device}: all {limit} are in use; "
+                         f"remove one with {remover}")
 
     def bindings_of(self, key_id: str) -> list[Binding]:
         wanted = _normal(key_id)
