@@ -128,6 +128,22 @@ def measure(name: str, pid: int, port: int, clients: list[SimulatedClient], conc
     return Row(name, level, process_tree_cpu(pid) - cpu_before, peak, scrape)
 
 
+def format_floors(cells: list[Cell], floors: list[roles.RoleTimes]) -> str:
+    """Markdown: our server's CPU per unlock at each level over the two floors of
+    :mod:`bench.roles` (the bare handshake over loopback TCP, and a whole blocking server's
+    accept to close), measured in the same run."""
+    by_transport = {floor.transport: floor.mandos_server_ms for floor in floors}
+    bare, whole = by_transport["loopback TCP"], by_transport[roles.WHOLE]
+    lines = ["| server | conc. | server CPU ms/unlock | over the bare handshake "
+             f"({bare:.3f} ms) | over accept to close ({whole:.3f} ms) |", "|---|---|---|---|---|"]
+    for cell in cells:
+        if cell.server.startswith("ours"):
+            cpu = cell.median(lambda row: row.server_cpu_per_unlock_ms)
+            lines.append(f"| {cell.server} | {cell.concurrency} | {cpu:.3f} | {cpu / bare:.2f} "
+                         f"| {cpu / whole:.2f} |")
+    return "\n".join(lines)
+
+
 def _ms(seconds: float) -> str:
     return f"{1000 * seconds:.1f}"
 
@@ -237,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                       not options.no_upstream, not options.no_scrape)
     report = format_table(cells)
     print("the handshake alone, per role ...", file=sys.stderr, flush=True)
-    report += "\n\n" + roles.format_table(
-        roles.measure(500, 1) if options.quick else roles.measure())
+    floors = roles.measure(500, 1) if options.quick else roles.measure()
+    report += "\n\n" + roles.format_table(floors) + "\n\n" + format_floors(cells, floors)
     if agent_runs:
         print(f"agent latency: {agent_runs} runs per agent ...", file=sys.stderr, flush=True)
         report += "\n\n" + agent_latency.format_table(agent_latency.measure(agent_runs), "our")

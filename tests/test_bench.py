@@ -23,3 +23,14 @@ def test_a_tiny_storm_against_our_server_unlocks_every_client() -> None:
     assert [cell.unlocks for cell in cells] == [6, 8]
     assert all(cell.failures == 0 for cell in cells)
     assert "| ours | 4 | 1 | 8 | 0 |" in storm.format_table(cells)
+
+
+def test_the_floor_table_sets_our_cpu_against_both_floors() -> None:
+    clients = make_clients(2)
+    cells = storm.run_storm({1: (4, 0)}, clients, repeat=1, with_upstream=False)
+    floors = [roles.RoleTimes("loopback TCP", 0.25, 0.2), roles.RoleTimes(roles.WHOLE, 0.5, 0.3)]
+    table = storm.format_floors(cells, floors)
+    rows = [line for line in table.splitlines() if line.startswith("| ours")]
+    assert len(rows) == len([cell for cell in cells if cell.server.startswith("ours")]) >= 1
+    cpu, over_bare, over_whole = (float(field) for field in rows[0].split("|")[3:6])
+    assert abs(over_bare - cpu / 0.25) < 0.02 and abs(over_whole - cpu / 0.5) < 0.02
