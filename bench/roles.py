@@ -64,6 +64,18 @@ def _unix_pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
     return [socket.socketpair() for _ in range(count)]
 
 
+def _serve_one(connection: socket.socket, client: SimulatedClient, priority: gnutls.Priority,
+               empty: gnutls.Credentials) -> None:
+    """The Mandos server's side of one unlock, blocking: protocol line, handshake, key id,
+    the blob, close_notify."""
+    wire.parse_protocol_line(connection.recv(len(wire.PROTOCOL_LINE)))
+    with gnutls.Session.for_mandos_server(connection.fileno(), empty, priority) as session:
+        session.handshake()
+        wire.key_id(session.peer_public_key())
+        wire.resumable_send(session.send, client.blob)()
+        session.bye()
+
+
 def _exchange(pairs: list[tuple[socket.socket, socket.socket]], client: SimulatedClient,
               priority: gnutls.Priority, empty: gnutls.Credentials) -> tuple[float, float]:
     """One unlock per pair; the CPU seconds of the Mandos server's and the client's thread."""
@@ -72,14 +84,7 @@ def _exchange(pairs: list[tuple[socket.socket, socket.socket]], client: Simulate
     def mandos_server() -> None:
         started = time.thread_time()
         for server_end, _ in pairs:
-            line = server_end.recv(len(wire.PROTOCOL_LINE))
-            wire.parse_protocol_line(line)
-            with gnutls.Session.for_mandos_server(server_end.fileno(), empty,
-                                                  priority) as session:
-                session.handshake()
-                wire.key_id(session.peer_public_key())
-                wire.resumable_send(session.send, client.blob)()
-                session.bye()
+            _serve_one(server_end, client, priority, empty)
         cpu["server"] = time.thread_time() - started
 
     def mandos_client() -> None:
@@ -117,13 +122,7 @@ def _accept_to_close(count: int, client: SimulatedClient, priority: gnutls.Prior
                 connection, _ = listener.accept()
                 with connection:
                     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    wire.parse_protocol_line(connection.recv(len(wire.PROTOCOL_LINE)))
-                    with gnutls.Session.for_mandos_server(connection.fileno(), empty,
-                                                          priority) as session:
-                        session.handshake()
-                        wire.key_id(session.peer_public_key())
-                        wire.resumable_send(session.send, client.blob)()
-                        session.bye()
+                    _serve_one(connection, client, priority, empty)
             cpu["server"] = time.thread_time() - started
 
         def mandos_client() -> None:
