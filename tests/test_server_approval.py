@@ -4,9 +4,12 @@ Debian's upstream one); a hanging command is killed at its timeout while the ser
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import datetime
 import functools
+import io
 import os
 import select
 import threading
@@ -15,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, load_clients
+from server import events
+from server.approval_command import ApprovalCommands
+from server.clients import Client, ClientTable, utcnow
+from server.config import ClientConfig, ConfigError, load_clients
+from server.journal import Journal, journalled_publisher
+from server.statefile import fresh_state
 from tests.conftest import Keys
 from tests.peers.dbus import PrivateSystemBus
 from tests.peers.ours import OurServer, clients_conf, fetch, set_options
@@ -56,6 +64,48 @@ def test_the_setting_per_client_or_in_default(tmp_path: Path) -> None:
     assert "t0ken" not in str(refused.value) and "approval_command" in str(refused.value)
     conf.write_text(f"[foo]\n{section.format('AB' * 32)}")
     assert load_clients(conf)["foo"].approval_command == ""
+
+
+def test_one_command_per_client_and_its_failure_journalled(tmp_path: Path) -> None:
+    """In-process: two requests waiting at once start one command; its exit status 3 is a
+    typed event and an approval-command-failed entry; server stop kills nothing left."""
+    async def scenario() -> None:
+        log = io.StringIO()
+        publisher = journalled_publisher(Journal(Path("/nonexistent"), stream=log))
+        settings = ClientConfig(
+            name="foo", key_id="AB" * 32, fingerprint="", secret=b"blob", host="",
+            timeout=datetime.timedelta(minutes=5), extended_timeout=datetime.timedelta(0),
+            interval=datetime.timedelta(hours=1), checker="true", approved_by_default=False,
+            approval_delay=datetime.timedelta(seconds=30),
+            approval_duration=datetime.timedelta(seconds=1), enabled=True,
+            approval_command=f"echo ran >> {tmp_path / 'runs'}; exit 3")
+        client = Client(settings, fresh_state(settings, utcnow()), publisher)
+        table = ClientTable()
+        table.add(client)
+        commands = ApprovalCommands(table, publisher)
+        finished: list[events.ServerEvent] = []
+        done = asyncio.Event()
+
+        def on_finished(event: events.ServerEvent) -> None:
+            finished.append(event)
+            done.set()
+
+        publisher.subscribe(on_finished, events.ApprovalCommandFinished)
+        requests = [asyncio.create_task(client.authorize(peer)) for peer in ("a", "b")]
+        await done.wait()
+        client.approve(False)
+        assert await asyncio.gather(*requests) == [None, None]
+        await commands.close()
+        client.close()
+        assert (tmp_path / "runs").read_text() == "ran\n"
+        (event,) = finished
+        assert isinstance(event, events.ApprovalCommandFinished)
+        assert (event.client, event.status, event.succeeded) == ("foo", 3, False)
+        assert "approval-command-failed: The approval command of foo failed with status 3" \
+            in log.getvalue()
+        assert log.getvalue().count("approval-command-started") == 1
+
+    asyncio.run(scenario())
 
 
 def parse_env(text: str) -> dict[str, str]:
