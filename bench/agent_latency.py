@@ -22,6 +22,13 @@ All use the same key set (upstream's ``mandos-keygen``, RSA-4096) and the same s
 a time; one untimed round first (caches), then the runs alternate, and the medians and the
 ratios ours/upstream are reported.
 
+Then where the on-demand agent's time goes: each phase alone, in a fresh interpreter run as
+the agent is (:data:`PHASE_PROBE`), medians over the same number of runs: the interpreter's
+start (spawn to its first line), the imports of ``password_agent.cli``, the TLS key and
+priority, the GnuPG home (python-gnupg's probe, both keys imported, gpg-agent started), the
+fetch and the decryption.  The agent overlaps the GnuPG home with the rest, so the phases add
+up to more than its ask-to-reply time.  The report goes to ``bench/results/``.
+
     python -m bench.agent_latency [--runs N] [--server ours|upstream]
 """
 
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import os
 import select
 import shutil
@@ -55,6 +64,7 @@ from tests.peers.upstream import (
 )
 from tests.vm.images import python_search_path
 
+RESULTS = Path(__file__).resolve().parent / "results"
 #: The interpreter the initramfs runs (never the venv's, whose site processing costs ~15 ms).
 PYTHON = "/usr/bin/python3"
 #: Upstream's agent ships in the dracut module of Debian's mandos-client package.
@@ -283,6 +293,76 @@ def format_table(results: list[AgentTimes], server_kind: str) -> str:
     return "\n".join(lines)
 
 
+#: One on-demand agent's work, phase by phase, each timed alone: run as
+#: ``python3 -S -c PHASE_PROBE KEYDIR ADDRESS:PORT RUNDIR SPAWNED`` (SPAWNED: the parent's
+#: CLOCK_MONOTONIC just before the spawn); prints the phases' seconds as JSON.
+PHASE_PROBE = """
+import time
+first = time.monotonic()
+import json, sys
+import password_agent.cli
+imported = time.monotonic()
+import select
+from pathlib import Path
+from mandos_protocol.gnutls import Credentials, Priority
+from password_agent.decrypt import Decryptor
+from password_agent.fetch import fetch_blob
+from password_agent.keyfiles import KeyFiles
+from password_agent.servers import parse_connect
+keys = KeyFiles.in_directory(Path(sys.argv[1]))
+started = time.monotonic()
+priority = Priority()
+credentials = Credentials.raw_public_key_files(keys.tls_pubkey, keys.tls_privkey)
+loaded = time.monotonic()
+decryptor = Decryptor(keys.pubkey, keys.seckey, Path(sys.argv[3]))
+decryptor.wait_ready()
+home = time.monotonic()
+def wait(fd, write, seconds):
+    select.select([] if write else [fd], [fd] if write else [], [], seconds)
+blob = fetch_blob(parse_connect(sys.argv[2]), credentials, priority, wait)
+fetched = time.monotonic()
+password = decryptor.decrypt(blob)
+decrypted = time.monotonic()
+password[:] = bytes(len(password))
+decryptor.close()
+print(json.dumps({"interpreter start": first - float(sys.argv[4]),
+                  "imports": imported - first, "TLS key and priority": loaded - started,
+                  "GnuPG home": home - loaded, "fetch": fetched - home,
+                  "decryption": decrypted - fetched}))
+"""
+
+
+def phases(runs: int, server_kind: str = "ours") -> dict[str, float]:
+    """Median seconds of each phase of :data:`PHASE_PROBE` over ``runs`` runs (after one
+    untimed run)."""
+    samples: dict[str, list[float]] = {}
+    with key_set() as (keys, section), server(server_kind, section) as connect:
+        for run in range(runs + 1):
+            work = Path(tempfile.mkdtemp(prefix="mpa-phase-"))
+            try:
+                (work / "run").mkdir(mode=0o700)
+                spawned = time.monotonic()
+                output = subprocess.run(
+                    [PYTHON, "-S", "-c", PHASE_PROBE, str(keys.directory), connect,
+                     str(work / "run"), repr(spawned)], env=our_environment(),
+                    stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True,
+                    timeout=REPLY_TIMEOUT).stdout
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if run:
+                for phase, seconds in json.loads(output).items():
+                    samples.setdefault(phase, []).append(seconds)
+    return {phase: statistics.median(values) for phase, values in samples.items()}
+
+
+def format_phases(medians: dict[str, float]) -> str:
+    lines = ["Where the on-demand agent's time goes (each phase alone, medians):", "",
+             "| phase | ms |", "|---|---|"]
+    lines += [f"| {phase} | {1000 * seconds:.1f} |" for phase, seconds in medians.items()]
+    lines.append(f"| sum | {1000 * sum(medians.values()):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.agent_latency",
                                      description=__doc__.split("\n\n")[0])
@@ -290,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=("ours", "upstream"), default="ours",
                         help="which server all agents ask (ours)")
     options = parser.parse_args(argv)
-    print(format_table(measure(options.runs, options.server), options.server))
+    report = (format_table(measure(options.runs, options.server), options.server) + "\n\n"
+              + format_phases(phases(options.runs, options.server)) + "\n")
+    now = datetime.datetime.now(datetime.UTC)
+    path = RESULTS / f"agent-latency-{now:%Y%m%dT%H%M%S}.md"
+    path.write_text(f"Agent latency, {now:%Y-%m-%d %H:%M} UTC, --runs {options.runs}, load "
+                    f"average {os.getloadavg()[0]:.1f}\n\n" + report)
+    print(report + f"\nwritten to {path}")
     return 0
 
 
