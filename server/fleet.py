@@ -169,10 +169,11 @@ class FleetSync:
         self._watch = asyncio.create_task(self._follow(revision))
         was_detached, since = self.detached, self.detached_since
         self.detached, self.detached_since = False, None
+        back = self._attached.is_set()  # False at start-up: not back, just arrived
         self._attached.set()
         if was_detached:
-            duration = ("" if since is None else
-                        f" after {(utcnow() - since).total_seconds():.1f} s detached")
+            duration = (f" after {(utcnow() - since).total_seconds():.1f} s detached"
+                        if back and since is not None else "")
             self._log(f"Fleet: in sync with etcd at revision {revision} as {self.server_id}"
                       f"{duration}; {self._describe_servers()}", False)
             self._on_status()
