@@ -92,7 +92,7 @@ def _time(value: Any) -> datetime.datetime | None:
     return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One client fact in etcd.  ``at`` orders the facts of one kind: the newer one holds,
     except that a disable made while cut off from etcd (``offline``) beats an enable."""
@@ -172,7 +172,7 @@ class Schema:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """One key changed in etcd: its new value, or None when it was deleted."""
 
