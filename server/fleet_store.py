@@ -78,7 +78,8 @@ class FleetSettings:
             raise ConfigError("etcd: give both etcd_cert and etcd_key, or neither")
         if importlib.util.find_spec("etcd3aio") is None:
             raise ConfigError("etcd: the Python package etcd3aio (and with it grpcio and "
-                              "protobuf) is not installed; see docs/fleet.md")
+                              "protobuf) is not installed: pip install etcd3aio (see the "
+                              "README's Fleet section)")
         prefix = settings.etcd_prefix
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ConfigError(f"etcd_prefix: {prefix!r} must start and end with /")

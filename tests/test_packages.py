@@ -88,16 +88,19 @@ AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
                "/usr/share/man/man8/mandos-luks.8.gz")
 
 
+#: Modules that need the etcd client, which the package leaves to the admin who runs a
+#: fleet (README, "Packaging decisions"); the server imports them only with --etcd.
+FLEET_ONLY = ("server.fleet", "server.fleet_etcd")
 #: Run by the installed /usr/bin/python3 as the commands run it (-I, the private directory
-#: first): import every module of the packages named, then print where each top-level module
-#: came from.
-IMPORT_ALL = """
+#: first): import every module of the packages named (but FLEET_ONLY), then print where each
+#: top-level module came from.
+IMPORT_ALL = f"""
 import importlib, pkgutil, sys
 sys.path.insert(0, sys.argv[1])
 for name in sys.argv[2:]:
     package = importlib.import_module(name)
     for module in pkgutil.walk_packages(package.__path__, name + "."):
-        if not module.name.endswith(".__main__"):
+        if not module.name.endswith(".__main__") and module.name not in {FLEET_ONLY!r}:
             importlib.import_module(module.name)
 for name, module in sorted(sys.modules.items()):
     if "." not in name and getattr(module, "__file__", None):
@@ -236,6 +239,11 @@ def check_installed(root: Root, build: Build) -> None:
         assert "usage:" in root.run(f"{command} --help").stdout
     for package in PACKAGES:
         check_imports(root, package)
+    # Without the etcd client, --etcd stops the start with one line that says what to install.
+    fleet = root.run("mandos-server --foreground --no-dbus --no-zeroconf --etcd "
+                     "http://127.0.0.1:2379 --address ::1 --port 1", check=False)
+    assert fleet.returncode == 1 and "etcd3aio" in fleet.stderr, fleet
+    assert len(fleet.stderr.strip().splitlines()) == 1 and "Traceback" not in fleet.stderr
 
 
 def test_lintian(builds: tuple[Build, Build]) -> None:
