@@ -411,22 +411,39 @@ class ClientTable:
         return self._by_name.get(name)
 
     def add(self, client: Client) -> None:
+        """Add ``client`` (replacing one of the same name), indexed at once: a start with
+        10,000 clients must not rebuild the index 10,000 times."""
+        old = self._by_name.get(client.name)
+        if old is not None:
+            self._unindex(old)
         self._by_name[client.name] = client
-        self.reindex()
+        self._index(client)
 
     def remove(self, name: str) -> Client | None:
         client = self._by_name.pop(name, None)
-        self.reindex()
+        if client is not None:
+            self._unindex(client)
         return client
 
-    def reindex(self) -> None:
-        """Rebuild the key id index (after adding or removing clients, or a key id change)."""
-        self._by_key_id = {c.settings.key_id: c for c in self._by_name.values()
-                           if c.settings.key_id}
+    def _index(self, client: Client) -> None:
         # A legacy section without key_id can only match if its ``fingerprint`` holds what
         # is really a key id; a true OpenPGP fingerprint (40 digits) never equals one (64).
-        self._by_fingerprint = {c.settings.fingerprint: c for c in self._by_name.values()
-                                if not c.settings.key_id and c.settings.fingerprint}
+        if client.settings.key_id:
+            self._by_key_id[client.settings.key_id] = client
+        elif client.settings.fingerprint:
+            self._by_fingerprint[client.settings.fingerprint] = client
+
+    def _unindex(self, client: Client) -> None:
+        for index in (self._by_key_id, self._by_fingerprint):
+            for key in (client.settings.key_id, client.settings.fingerprint):
+                if key and index.get(key) is client:
+                    del index[key]
+
+    def reindex(self) -> None:
+        """Rebuild the key id index (after a client's key id changed)."""
+        self._by_key_id, self._by_fingerprint = {}, {}
+        for client in self._by_name.values():
+            self._index(client)
 
     def lookup(self, key_id: str) -> Client | None:
         """The client with this (normalized) key id, if any."""

@@ -137,6 +137,11 @@ def test_table_lookup() -> None:
         assert table.lookup("EF" * 32) is None
         table.remove("foo")
         assert table.lookup("AB" * 32) is None
+        # A client of the same name replaces the old one and its key id.
+        c, _ = make_client(name="bar", key_id="EF" * 32)
+        table.add(c)
+        assert table.lookup("CD" * 32) is None and table.lookup("EF" * 32) is c
+        assert list(table) == [c]
 
     asyncio.run(scenario())
 
