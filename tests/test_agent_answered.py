@@ -71,7 +71,8 @@ def test_a_restarted_agent_still_refuses_the_same_password_for_the_same_id(
 
 #: One agent's run in a process of its own, with a fresh session keyring that does not lead to
 #: the user keyring, as systemd starts every service (``KeyringMode=private``): it answers
-#: ``argv[2]`` with ``argv[3]`` unless the record says it was done, and prints what it did.
+#: ``argv[2]`` with the password on its standard input (never in an argv, where the secret
+#: scan looks) unless the record says it was done, and prints what it did.
 _SERVICE_RUN = """
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ keyring._keyctl(1, 0)  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
 answered.KEY_LIFETIME = 30
 record = answered.AnsweredRecord(Path(sys.argv[1]))
 assert record.path is not None, "the record has no file"
-password = sys.argv[3].encode()
+password = sys.stdin.buffer.read()
 if record.contains(sys.argv[2], password):
     print("refused")
 else:
@@ -96,11 +97,11 @@ def test_agents_in_private_session_keyrings_share_the_record(tmp_path: Path) -> 
     path = tmp_path / "answered"
 
     def service_run(request_key: str) -> str:
-        result = subprocess.run([sys.executable, "-c", _SERVICE_RUN, str(path), request_key,
-                                 PASSWORD.decode()], capture_output=True, text=True,
-                                timeout=30, cwd=Path(__file__).resolve().parent.parent)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
+        result = subprocess.run([sys.executable, "-c", _SERVICE_RUN, str(path), request_key],
+                                input=PASSWORD, capture_output=True, timeout=30,
+                                cwd=Path(__file__).resolve().parent.parent)
+        assert result.returncode == 0, result.stderr.decode()
+        return result.stdout.decode().strip()
 
     assert service_run(ID) == "sent"
     assert service_run(ID) == "refused"
