@@ -1,7 +1,7 @@
 """Agent latency: from a password request appearing to the password arriving, ours vs upstream,
 each agent run the way it is deployed in the initramfs.
 
-One run: a :class:`~tests.peers.ask.FakeRequester` writes ``ask.*`` into a private agent
+One run: a :class:`~peers.ask.FakeRequester` writes ``ask.*`` into a private agent
 directory and binds its reply socket (what ``systemd-ask-password`` does); the clock runs from
 just before the file is written until the reply datagram (``+password``) arrives, and the
 reply is checked.  Three agents, each a row of the table:
@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.servers import our_server
-from tests.peers.ask import FakeRequester
-from tests.peers.upstream import (
+from peers.ask import FakeRequester
+from peers.upstream import (
     MANDOS_CLIENT,
     KeySet,
     UpstreamServer,

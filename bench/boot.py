@@ -28,9 +28,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.peers import upstream
-from tests.peers.packages import build
-from tests.peers.zeroconf import OurServerInNamespace
+from peers import upstream
+from peers.packages import build
+from peers.zeroconf import OurServerInNamespace
 from tests.vm import images, qemu
 from tests.vm.boots import DONE, root_command_line, section_for
 from tests.vm.lan import VmLan

@@ -50,10 +50,10 @@ from bench.loadgen import (
     unlock_once,
 )
 from mandos_protocol import gnutls
+from peers.etcd import EtcdCluster
+from peers.upstream import free_port, listening_ports
 from server.fleet_etcd import EtcdStore
 from server.fleet_store import FleetSettings, Record, Schema
-from tests.peers.etcd import EtcdCluster
-from tests.peers.upstream import free_port, listening_ports
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCURRENCY = 128

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.peers.upstream import UpstreamServer, free_port, listening_ports
+from peers.upstream import UpstreamServer, free_port, listening_ports
 
 
 @contextmanager

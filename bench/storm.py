@@ -42,7 +42,7 @@ from bench.loadgen import (
 from bench.scrape import EVERY as SCRAPE_EVERY
 from bench.scrape import Scraper, ScrapeResult
 from bench.servers import our_server, upstream_server
-from tests.peers.upstream import free_port
+from peers.upstream import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -9,7 +9,7 @@ could forge one) makes the whole request ambiguous, and it is ignored.
 
 Every rule that makes the agent ignore a request yields one human-readable reason, which the
 caller logs once.  The format is the one systemd 252's ``systemd-ask-password`` writes, which the
-tests drive for real (tests/peers/ask.py).
+tests drive for real (peers/ask.py).
 """
 
 from __future__ import annotations

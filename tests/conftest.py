@@ -1,4 +1,4 @@
-"""Fixtures shared by all tests: real peers from :mod:`tests.peers`, started per test (or once per
+"""Fixtures shared by all tests: real peers from :mod:`peers`, started per test (or once per
 session when they are expensive and stateless, like upstream key sets)."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import upstream
-from tests.peers.agent import AgentHarness
-from tests.peers.ask import AskNamespace
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.journald import JOURNALD, PrivateJournal
-from tests.peers.leaks import WATCH, ProcessSampler
-from tests.peers.netns import VethPair
-from tests.peers.packages import Build, build, changelog_version
+from peers import upstream
+from peers.agent import AgentHarness
+from peers.ask import AskNamespace
+from peers.dbus import PrivateSystemBus
+from peers.journald import JOURNALD, PrivateJournal
+from peers.leaks import WATCH, ProcessSampler
+from peers.netns import VethPair
+from peers.packages import Build, build, changelog_version
 
 #: Programs the peers need; ./dev setup installs every one of them.
 PEER_PROGRAMS = (
@@ -34,7 +34,7 @@ PEER_PROGRAMS = (
 def peers_present() -> Iterator[None]:
     """Fail (not skip) when the test machine is not set up: a skipped suite would look green.
     While peer tests run, the argv and environment of every process are read for the secret
-    scan (:mod:`tests.peers.leaks`)."""
+    scan (:mod:`peers.leaks`)."""
     if os.geteuid() != 0:
         pytest.fail("the tests outside the unit tier run as root (network namespaces, mounts,"
                     " upstream mandos); as a user, run only the unit tier: -m unit",

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.peers.ask import AskNamespace, AskPassword
-from tests.peers.ours import OurServer, clients_conf
+from peers.ask import AskNamespace, AskPassword
+from peers.ours import OurServer, clients_conf
 
 
 def step(text: str) -> None:

@@ -39,11 +39,11 @@ from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
 from mandos_protocol.wire import DEFAULT_PRIORITY, key_id, resumable_send
 from password_agent.fetch import FETCH_TIMEOUT
+from peers import upstream
+from peers.agent import AgentHarness, AgentRun
+from peers.ask import FakeRequester
+from peers.ours import OurServer, clients_conf
 from tests.conftest import UpstreamClient
-from tests.peers import upstream
-from tests.peers.agent import AgentHarness, AgentRun
-from tests.peers.ask import FakeRequester
-from tests.peers.ours import OurServer, clients_conf
 
 pytestmark = pytest.mark.interop
 

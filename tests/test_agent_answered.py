@@ -189,7 +189,7 @@ def test_a_record_whose_key_expired_starts_afresh(tmp_path: Path,
 
 
 def test_a_discarded_key_leaves_the_record_untrusted(tmp_path: Path) -> None:
-    """What the tests' agent peer does when it stops (tests/peers/agent.py)."""
+    """What the tests' agent peer does when it stops (peers/agent.py)."""
     path = tmp_path / "answered"
     AnsweredRecord(path).add(ID, PASSWORD)
     keyring.discard(key_description(path))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import processes_left
 from tests.conftest import UpstreamClient
-from tests.peers.agent import processes_left
 
 pytestmark = pytest.mark.interop
 

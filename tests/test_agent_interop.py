@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentHarness
+from peers.ask import AskNamespace, AskPassword, FakeRequester, monotonic_usec
+from peers.upstream import UpstreamServer, free_port
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentHarness
-from tests.peers.ask import AskNamespace, AskPassword, FakeRequester, monotonic_usec
-from tests.peers.upstream import UpstreamServer, free_port
 
 pytestmark = pytest.mark.interop
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from password_agent import log as agentlog
+from peers.ask import FakeRequester
+from peers.journald import PrivateJournal
 from tests.conftest import Keys
-from tests.peers.ask import FakeRequester
-from tests.peers.journald import PrivateJournal
 
 pytestmark = pytest.mark.interop
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentRun
+from peers.ask import AskNamespace, AskPassword
+from peers.ours import OurServer, clients_conf
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentRun
-from tests.peers.ask import AskNamespace, AskPassword
-from tests.peers.ours import OurServer, clients_conf
 
 pytestmark = pytest.mark.interop
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentHarness
+from peers.ask import FakeRequester
+from peers.netns import Side, VethPair
+from peers.ours import OurServer, clients_conf
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentHarness
-from tests.peers.ask import FakeRequester
-from tests.peers.netns import Side, VethPair
-from tests.peers.ours import OurServer, clients_conf
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 

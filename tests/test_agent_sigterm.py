@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentHarness, processes_left
+from peers.ask import FakeRequester
+from peers.ours import OurServer, clients_conf
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentHarness, processes_left
-from tests.peers.ask import FakeRequester
-from tests.peers.ours import OurServer, clients_conf
 from tests.test_agent_watch import NotifySocket, RecordingListener
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]

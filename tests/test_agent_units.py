@@ -28,7 +28,7 @@ from password_agent.servers import (
     wait_for_interfaces,
 )
 from password_agent.watch import RequestWatcher
-from tests.peers.ask import FakeRequester, monotonic_usec
+from peers.ask import FakeRequester, monotonic_usec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentHarness, AgentRun, processes_left, processes_mentioning
+from peers.ask import AskNamespace, AskPassword, FakeRequester
+from peers.ours import OurServer, clients_conf
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentHarness, AgentRun, processes_left, processes_mentioning
-from tests.peers.ask import AskNamespace, AskPassword, FakeRequester
-from tests.peers.ours import OurServer, clients_conf
 
 pytestmark = pytest.mark.interop
 

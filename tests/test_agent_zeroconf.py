@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentRun
+from peers.ask import FakeRequester
+from peers.dbus import PrivateSystemBus
+from peers.netns import VethPair
+from peers.upstream import UpstreamServer
+from peers.zeroconf import PORT, Announcement, AvahiDaemon, OurServerInNamespace
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentRun
-from tests.peers.ask import FakeRequester
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.netns import VethPair
-from tests.peers.upstream import UpstreamServer
-from tests.peers.zeroconf import PORT, Announcement, AvahiDaemon, OurServerInNamespace
 
 pytestmark = pytest.mark.interop
 

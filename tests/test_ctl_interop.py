@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from peers.dbus import PrivateSystemBus
+from peers.ours import OurServer, clients_conf, fetch, set_options
+from peers.upstream import UpstreamServer, section_secret
 from tests.conftest import Keys
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.ours import OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import UpstreamServer, section_secret
 from tests.test_dbus_api import ctl, start_server
 
 pytestmark = pytest.mark.interop

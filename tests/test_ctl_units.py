@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from peers.upstream import MANDOS_CTL
 from server import ctl
-from tests.peers.upstream import MANDOS_CTL
 
 OURS = (sys.executable, "-m", "server.ctl")
 

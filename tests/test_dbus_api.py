@@ -18,10 +18,10 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from peers.dbus import PrivateSystemBus
+from peers.ours import OurServer, clients_conf, fetch, set_options
+from peers.upstream import BUS_NAME, MANDOS_CTL, section_secret
 from tests.conftest import Keys
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.ours import OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import BUS_NAME, MANDOS_CTL, section_secret
 
 pytestmark = pytest.mark.interop
 

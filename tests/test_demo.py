@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.peers.ours import REPO
+from peers.ours import REPO
 
 pytestmark = pytest.mark.interop
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mandos_protocol.durations import parse_duration
 from mandos_protocol.errors import ProtocolError
-from tests.peers.upstream import upstream_functions
+from peers.upstream import upstream_functions
 
 pytestmark = pytest.mark.interop
 

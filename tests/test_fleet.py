@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from peers.dbus import PrivateSystemBus
+from peers.etcd import EtcdCluster
+from peers.ours import JournalSink, OurServer, clients_conf, fetch, set_options
+from peers.upstream import run_upstream_client, section_secret
 from tests.conftest import Keys
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.etcd import EtcdCluster
-from tests.peers.ours import JournalSink, OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import run_upstream_client, section_secret
 from tests.test_dbus_api import ctl, dump
 from tests.test_server_systemd import NotifySocket
 

@@ -52,6 +52,10 @@ from password_agent.asks import (
     pid_alive,
     socket_problem,
 )
+from peers.ask import FakeRequester, monotonic_usec
+from peers.dbus import PrivateSystemBus
+from peers.ours import OurServer, clients_conf
+from peers.upstream import upstream_functions
 from server.checker import ExpansionError, refuse_quoted_expansion
 from server.clients import Client, ClientTable, utcnow
 from server.config import DEBUG_LEVELS, ConfigError, load_clients, load_server_settings
@@ -60,10 +64,6 @@ from server.dbus_names import BUS_NAME, CLIENT_INTERFACE
 from server.journal import Event, Journal, journalled_publisher
 from server.listener import protocol_line_reader
 from server.statefile import fresh_state
-from tests.peers.ask import FakeRequester, monotonic_usec
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.ours import OurServer, clients_conf
-from tests.peers.upstream import upstream_functions
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from mandos_protocol import wire
 from mandos_protocol.errors import ProtocolError
 from mandos_protocol.gnutls import Credentials, Priority, Session
+from peers import upstream
 from tests.conftest import UpstreamClient
-from tests.peers import upstream
 
 pytestmark = pytest.mark.interop
 

@@ -33,16 +33,16 @@ from mandos_protocol.wire import key_id
 from password_agent.keygen.files import backup_name
 from password_agent.keygen.openpgp import armor_body
 from password_agent.keygen.tls import key_id_of_pem
-from tests.conftest import UpstreamClient
-from tests.peers.agent import processes_left
-from tests.peers.leaks import WATCH
-from tests.peers.upstream import (
+from peers.agent import processes_left
+from peers.leaks import WATCH
+from peers.upstream import (
     MANDOS_KEYGEN,
     KeySet,
     UpstreamServer,
     run_upstream_client,
     section_secret,
 )
+from tests.conftest import UpstreamClient
 
 pytestmark = pytest.mark.peers
 

@@ -1,7 +1,7 @@
 """mandos-keygen on a full key directory: a clear one-line error, a non-zero exit, no partial
 key set and no temporary file left, old keys (``--force``) untouched; with space, it works.
 
-The key directory is a small tmpfs of the test's own (``tests.peers.mounts``), filled so that
+The key directory is a small tmpfs of the test's own (``peers.mounts``), filled so that
 only 0, 1, 2 or 3 of the four new key files fit (tmpfs gives each file whole pages): the
 write fails at each of the four files in turn.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.mounts import fill, tmpfs
+from peers.mounts import fill, tmpfs
 from tests.test_keygen import KEY_FILES, NAME, keygen
 
 pytestmark = pytest.mark.peers

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from password_agent.decrypt import Decryptor
-from tests.peers.leaks import WATCH
-from tests.peers.netns import VethPair
-from tests.peers.ours import OurServer, clients_conf
-from tests.peers.zeroconf import OurServerInNamespace
+from peers.leaks import WATCH
+from peers.netns import VethPair
+from peers.ours import OurServer, clients_conf
+from peers.zeroconf import OurServerInNamespace
 
 pytestmark = pytest.mark.peers
 

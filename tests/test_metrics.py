@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from peers.etcd import EtcdCluster
+from peers.mounts import remount, tmpfs
+from peers.ours import SERVER, OurServer, clients_conf, fetch, set_options
+from peers.prometheus import Prometheus, promtool_check_metrics
+from peers.upstream import free_port, section_secret
 from server.daemon import SAVE_RETRY
 from server.http_endpoint import MAX_CONNECTIONS, READ_DEADLINE
 from tests.conftest import Keys
-from tests.peers.etcd import EtcdCluster
-from tests.peers.mounts import remount, tmpfs
-from tests.peers.ours import SERVER, OurServer, clients_conf, fetch, set_options
-from tests.peers.prometheus import Prometheus, promtool_check_metrics
-from tests.peers.upstream import free_port, section_secret
 from tests.test_metrics_contrib import DASHBOARD, RULES
 
 UNLOCKS = 40

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.prometheus import promtool
+from peers.prometheus import promtool
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 RULES = CONTRIB / "prometheus" / "mandos-alerts.yml"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from peers.dbus import PrivateSystemBus
+from peers.ours import OurServer, clients_conf, fetch
 from tests.conftest import Keys
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.ours import OurServer, clients_conf, fetch
 from tests.test_dbus_api import ctl, start_server
 
 pytestmark = pytest.mark.interop

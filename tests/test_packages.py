@@ -1,7 +1,7 @@
 """The Debian packages from ``./dev package`` (packaging/build.py), installed, upgraded, removed
 and purged in a throwaway root, with real dpkg, apt, systemd-sysusers, dracut and lintian.
 
-The throwaway root is :class:`tests.peers.packages.Root`.
+The throwaway root is :class:`peers.packages.Root`.
 
 Debian's ``mandos`` and ``mandos-client`` are installed on the host as interop peers; our
 packages conflict with them, so the test first removes them as a migrating admin would
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.packages import PACKAGES, REPO, Build, Root, build
-from tests.peers.upstream import free_port
+from peers.packages import PACKAGES, REPO, Build, Root, build
+from peers.upstream import free_port
 
 #: apt-get without recommends (dracut would replace the host's initramfs-tools) and keeping
 #: the configuration files on disk, as an admin answers dpkg's question for clients.conf.

@@ -1,4 +1,4 @@
-"""tests/peers/process.py: every peer ends its child with :func:`stop_process`, so a peer that
+"""peers/process.py: every peer ends its child with :func:`stop_process`, so a peer that
 ignores SIGTERM must still end up killed and reaped, and one already gone must not be
 signalled."""
 
@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.peers.process import stop_process
+from peers.process import stop_process
 
 
 @contextmanager

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from mandos_protocol import wire
+from peers import upstream
+from peers.ask import AskNamespace, AskPassword, FakeRequester, monotonic_usec
+from peers.dbus import PrivateSystemBus
+from peers.journald import PrivateJournal
+from peers.netns import VethPair
 from tests.conftest import UpstreamClient
-from tests.peers import upstream
-from tests.peers.ask import AskNamespace, AskPassword, FakeRequester, monotonic_usec
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.journald import PrivateJournal
-from tests.peers.netns import VethPair
 
 pytestmark = pytest.mark.peers
 

@@ -4,7 +4,7 @@ non-root caller can read.
 
 The conftest runs this module after every other test (``pytest_collection_modifyitems``), so
 that its last test judges everything the suite scanned on the way (see
-:mod:`tests.peers.leaks`).  Run alone, its own tests give it an unlock, a journal, a state
+:mod:`peers.leaks`).  Run alone, its own tests give it an unlock, a journal, a state
 file and D-Bus reads to scan, so that it never passes on nothing.
 """
 
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from peers.agent import AgentHarness
+from peers.ask import FakeRequester
+from peers.dbus import PrivateSystemBus
+from peers.leaks import WATCH
+from peers.ours import OurServer, clients_conf, fetch
 from server.dbus_api import object_path
 from tests.conftest import UpstreamClient
-from tests.peers.agent import AgentHarness
-from tests.peers.ask import FakeRequester
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.leaks import WATCH
-from tests.peers.ours import OurServer, clients_conf, fetch
 
 pytestmark = pytest.mark.interop
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from mandos_protocol.wire import PROTOCOL_LINE
+from peers.ours import OurServer, clients_conf, fetch
+from peers.upstream import run_upstream_client
 from server.listener import LINE_DEADLINE
 from tests.conftest import Keys
-from tests.peers.ours import OurServer, clients_conf, fetch
-from tests.peers.upstream import run_upstream_client
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 

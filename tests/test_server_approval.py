@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from peers.dbus import PrivateSystemBus
+from peers.ours import OurServer, clients_conf, fetch, set_options
+from peers.upstream import MANDOS_CTL, section_secret
 from server import events
 from server.approval_command import ApprovalCommands
 from server.clients import Client, ClientTable, utcnow
@@ -25,9 +28,6 @@ from server.config import ClientConfig, ConfigError, load_clients
 from server.journal import Journal, journalled_publisher
 from server.statefile import fresh_state
 from tests.conftest import Keys
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.ours import OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import MANDOS_CTL, section_secret
 from tests.test_ctl_interop import OURS
 from tests.test_dbus_api import ctl, start_server
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from mandos_protocol.gnutls import Priority
+from peers.ours import JournalSink, parse_native
 from server import events
 from server.clients import Client, ClientState, ClientTable, utcnow
 from server.config import ClientConfig, ConfigError
 from server.journal import Event, Journal, encode_entry, journalled_publisher
 from server.listener import Listener, bind_socket
 from server.statefile import StateFile, fresh_state
-from tests.peers.ours import JournalSink, parse_native
 
 SECRET = b"\x85\x02 an OpenPGP blob"
 

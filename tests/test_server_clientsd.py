@@ -22,12 +22,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peers.dbus import PrivateSystemBus
+from peers.journald import PrivateJournal
+from peers.ours import REPO, SERVER, OurServer, clients_conf, fetch
+from peers.upstream import MANDOS_CTL, KeySet, run_upstream_client, section_secret
 from server.config import ConfigError, load_configuration, read_client_file
 from tests.conftest import Keys
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.journald import PrivateJournal
-from tests.peers.ours import REPO, SERVER, OurServer, clients_conf, fetch
-from tests.peers.upstream import MANDOS_CTL, KeySet, run_upstream_client, section_secret
 
 KEY_A, KEY_B, KEY_C = "A" * 64, "B" * 64, "C" * 64
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mandos_protocol.wire import DEFAULT_PRIORITY, EMPTY_KEY_ID
+from peers.ours import REPO, SERVER
 from server.config import ConfigError, load_clients, load_server_settings
-from tests.peers.ours import REPO, SERVER
 
 KEY_A = "a" * 64
 KEY_B = "B" * 64

@@ -1,7 +1,7 @@
 """The server under faults: SIGKILL at random moments, a full disk, a read-only state
 directory, no journal, the system bus going away, a hanging checker, a garbage clients.conf.
 
-Each test drives the real server (``tests.peers.ours``) with real peers: a private dbus-daemon,
+Each test drives the real server (``peers.ours``) with real peers: a private dbus-daemon,
 a real systemd-journald, tmpfs mounts of the test's own.
 """
 
@@ -25,17 +25,17 @@ import pytest
 from inotify_simple import INotify, flags
 
 from mandos_protocol.errors import ProtocolError
+from peers.agent import processes_left
+from peers.dbus import PrivateSystemBus
+from peers.journald import PrivateJournal
+from peers.mounts import fill, remount, tmpfs
+from peers.ours import OurServer, clients_conf, fetch, set_options
+from peers.upstream import section_secret
 from server.checker import STOP_GRACE as CHECKER_STOP_GRACE
 from server.daemon import SAVE_RETRY
 from server.journal import DEFAULT_SOCKET
 from server.statefile import FILENAME, StateFile
 from tests.conftest import Keys
-from tests.peers.agent import processes_left
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.journald import PrivateJournal
-from tests.peers.mounts import fill, remount, tmpfs
-from tests.peers.ours import OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import section_secret
 from tests.test_server_systemd import NotifySocket
 
 CRASHES = 200

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from peers.ours import JournalSink, OurServer, clients_conf, fetch, set_options
+from peers.upstream import KeySet, run_upstream_client, section_secret
 from tests.conftest import Keys
-from tests.peers.ours import JournalSink, OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import KeySet, run_upstream_client, section_secret
 
 pytestmark = pytest.mark.interop
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from inotify_simple import INotify, flags
 
-from tests.conftest import Keys
-from tests.peers.ours import OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import (
+from peers.ours import OurServer, clients_conf, fetch, set_options
+from peers.upstream import (
     kill_process_group,
     run_upstream_client,
     section_secret,
     upstream_client_argv,
 )
+from tests.conftest import Keys
 
 
 def hand_section(keys: Keys, name: str = "foo", **options: str) -> str:

@@ -12,10 +12,10 @@ import time
 
 from inotify_simple import INotify, flags
 
+from peers.ours import OurServer, clients_conf, fetch
+from peers.upstream import section_secret
 from server.daemon import SAVE_DELAY
 from tests.conftest import Keys
-from tests.peers.ours import OurServer, clients_conf, fetch
-from tests.peers.upstream import section_secret
 
 UNLOCKS = 40
 

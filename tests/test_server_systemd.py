@@ -18,17 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from server.journal import Event
-from tests.conftest import Keys
-from tests.peers.journald import PrivateJournal
-from tests.peers.ours import REPO, OurServer, clients_conf, fetch, set_options
-from tests.peers.upstream import (
+from peers.journald import PrivateJournal
+from peers.ours import REPO, OurServer, clients_conf, fetch, set_options
+from peers.upstream import (
     KeySet,
     free_port,
     kill_process_group,
     run_upstream_client,
     section_secret,
 )
+from server.journal import Event
+from tests.conftest import Keys
 
 UNITS = REPO / "units"
 

@@ -13,7 +13,7 @@ import pytest
 
 from mandos_protocol import wire
 from mandos_protocol.errors import ProtocolError
-from tests.peers import upstream
+from peers import upstream
 
 #: A key pair made by upstream's mandos-keygen, and the key_id it printed for it.
 KEYGEN_TLS_PUBKEY = "MCowBQYDK2VwAyEAjhOKA05WKaF5meNzEMm7ol0ZQVKEiGZvXDosj4zNem8="

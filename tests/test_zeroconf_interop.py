@@ -7,7 +7,7 @@
   ``mandos`` with zeroconf on, through an avahi-daemon in the server's namespace), and the blob
   fetched from the browsed address is the section's secret.
 
-Our ends run as programs in the namespaces (:mod:`tests.peers.zeroconf_peer`).  An
+Our ends run as programs in the namespaces (:mod:`peers.zeroconf_peer`).  An
 announcement is found about 0.1 s after a browser starts, once the first second after
 registration (probing, one announcement per second) is over.
 """
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UpstreamClient
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.netns import VethPair
-from tests.peers.upstream import UpstreamServer, run_upstream_client
-from tests.peers.zeroconf import (
+from peers.dbus import PrivateSystemBus
+from peers.netns import VethPair
+from peers.upstream import UpstreamServer, run_upstream_client
+from peers.zeroconf import (
     PORT,
     Announcement,
     Announcing,
@@ -36,6 +35,7 @@ from tests.peers.zeroconf import (
     peer_argv,
     run_peer,
 )
+from tests.conftest import UpstreamClient
 
 pytestmark = pytest.mark.interop
 

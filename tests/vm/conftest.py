@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.peers.packages import Build
+from peers.packages import Build
 from tests.vm import images
 
 #: Host programs the images and the boots need (./dev setup installs them).

@@ -1,4 +1,4 @@
-"""A VM whose root file system is a throwaway copy of the host's own (tests/peers/packages.py's
+"""A VM whose root file system is a throwaway copy of the host's own (peers/packages.py's
 :class:`Root`: the host's ``/`` under an overlay, where the test installed its files and our
 packages), so that the host's systemd runs as PID 1 on the host's programs and libraries.
 
@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.peers.packages import Root
+from peers.packages import Root
 from tests.vm import images, qemu
 
 INIT = images.HERE / "hostroot-init"

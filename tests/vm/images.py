@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.peers.packages import Root
-from tests.peers.upstream import MANDOS_KEYGEN
+from peers.packages import Root
+from peers.upstream import MANDOS_KEYGEN
 
 REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
@@ -280,7 +280,7 @@ ROOT_DRACUT_CONF = "/var/tmp/dracut-conf.d"
 @contextmanager
 def client_root(work: Path, kernel_: Kernel, keydir: Path, client_deb: Path | None
                 ) -> Iterator[Root]:
-    """A throwaway copy of this host's root (tests/peers/packages.py) with a Mandos client as
+    """A throwaway copy of this host's root (peers/packages.py) with a Mandos client as
     an admin installs it: our package ``client_deb`` (Debian's ``mandos-client``, which it
     replaces, goes), or with None Debian's own, which the host has; the key set ``keydir``
     where the keygens write it; the VM's kernel modules; and dracut's network-driver module

@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 from types import TracebackType
 
-from tests.peers.netns import Side, VethPair
+from peers.netns import Side, VethPair
 
 #: The VM's network card, a tap device in namespace ``b``.
 TAP = "mtap0"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.ours import OurServer, clients_conf
+from peers.ours import OurServer, clients_conf
 from tests.vm import images, qemu
 from tests.vm.boots import (
     BOOT_TIMEOUT,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.ours import OurServer, clients_conf
+from peers.ours import OurServer, clients_conf
 from tests.vm import images, qemu
 from tests.vm.boots import BOOT_TIMEOUT, CLIENT, DONE, console_context, root_command_line
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import upstream
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.upstream import UpstreamServer
-from tests.peers.zeroconf import PORT as ZEROCONF_PORT
-from tests.peers.zeroconf import AvahiDaemon, BackgroundProgram, OurServerInNamespace
+from peers import upstream
+from peers.dbus import PrivateSystemBus
+from peers.upstream import UpstreamServer
+from peers.zeroconf import PORT as ZEROCONF_PORT
+from peers.zeroconf import AvahiDaemon, BackgroundProgram, OurServerInNamespace
 from tests.vm import images, qemu
 from tests.vm.boots import (
     BOOT_TIMEOUT,

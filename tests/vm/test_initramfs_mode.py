@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.packages import Build
+from peers.packages import Build
 from tests.vm import images
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]

@@ -11,7 +11,7 @@ local-fs.target, so for the very volumes it is to unlock: see
 units/mandos-password-agent.service.)
 
 The VM (tests/vm/hostroot.py) boots a throwaway copy of the host's own root file system
-(tests/peers/packages.py's Root), read-only through 9p under a tmpfs overlay, so that the
+(peers/packages.py's Root), read-only through 9p under a tmpfs overlay, so that the
 host's systemd, dbus-daemon, journald, Python, GnuTLS, gpg, fping and Debian's mandos-client
 run in it unchanged.  Into that copy the test puts a configuration with one client (the cached
 VM key set, in /etc/keys/mandos where the agent's unit takes it; ``host = localhost`` and the
@@ -56,10 +56,10 @@ from pathlib import Path
 
 import pytest
 
+from peers import upstream
+from peers.ours import clients_conf
+from peers.packages import PACKAGES, Build, Root
 from server.journal import Event
-from tests.peers import upstream
-from tests.peers.ours import clients_conf
-from tests.peers.packages import PACKAGES, Build, Root
 from tests.vm import hostroot, images, server_units_checks
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]

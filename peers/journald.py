@@ -21,8 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.peers.leaks import WATCH
-from tests.peers.process import stop_process
+from peers.leaks import WATCH
+from peers.process import stop_process
 
 JOURNALD = "/lib/systemd/systemd-journald"
 

@@ -1,7 +1,7 @@
 """The secret scan: the secrets that the tests hand to the programs, and the places where they
 must never show up.
 
-Secrets are registered where the tests make them (:func:`tests.peers.upstream.upstream_section`
+Secrets are registered where the tests make them (:func:`peers.upstream.upstream_section`
 registers the password and its blob, :meth:`KeySet.in_directory` the private keys).  The
 places are scanned as the tests go: the peers scan the logs, journal entries and state files
 of the programs they ran when they stop them, a conftest hook scans every test's captured

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from password_agent import keyring
 from password_agent.answered import key_description
-from tests.peers.leaks import WATCH
-from tests.peers.upstream import KeySet
+from peers.leaks import WATCH
+from peers.upstream import KeySet
 
 #: poll(2) on x86_64.
 _POLL = 7

@@ -20,9 +20,9 @@ from types import TracebackType
 
 from mandos_protocol.client import exchange_blob
 from mandos_protocol.gnutls import Credentials, Priority
-from tests.peers.leaks import WATCH
-from tests.peers.process import stop_process
-from tests.peers.upstream import KeySet, free_port, listening_ports
+from peers.leaks import WATCH
+from peers.process import stop_process
+from peers.upstream import KeySet, free_port, listening_ports
 
 SERVER = [sys.executable, "-m", "server"]
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -39,8 +39,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.leaks import WATCH
+from peers.dbus import PrivateSystemBus
+from peers.leaks import WATCH
 
 MANDOS = "/usr/sbin/mandos"
 MANDOS_KEYGEN = "/usr/sbin/mandos-keygen"

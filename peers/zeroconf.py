@@ -1,4 +1,4 @@
-"""Zeroconf peers for tests: our announcing programs (:mod:`tests.peers.zeroconf_peer`) run in a
+"""Zeroconf peers for tests: our announcing programs (:mod:`peers.zeroconf_peer`) run in a
 network namespace, a private avahi-daemon for upstream's own announcement, and a browser that
 waits for names to appear.  avahi-daemon runs with a private tmpfs on /run (its pid file and
 socket stay off the host) and its startup takes about a second."""
@@ -17,9 +17,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from tests.peers.dbus import PrivateSystemBus
-from tests.peers.netns import Side, VethPair
-from tests.peers.upstream import kill_process_group
+from peers.dbus import PrivateSystemBus
+from peers.netns import Side, VethPair
+from peers.upstream import kill_process_group
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PORT = 49901
@@ -27,11 +27,11 @@ _READY_TIMEOUT = 15.0
 
 
 def peer_argv(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "tests.peers.zeroconf_peer", *arguments]
+    return [sys.executable, "-m", "peers.zeroconf_peer", *arguments]
 
 
 def run_peer(side: Side, arguments: Sequence[str], timeout: float) -> str:
-    """Run a one-shot :mod:`tests.peers.zeroconf_peer` command in ``side``'s namespace; its
+    """Run a one-shot :mod:`peers.zeroconf_peer` command in ``side``'s namespace; its
     stdout."""
     result = subprocess.run(VethPair.wrap(side, peer_argv(*arguments)), cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
@@ -118,7 +118,7 @@ class Announcing(BackgroundProgram):
 
 
 class Announcement(Announcing):
-    """``tests.peers.zeroconf_peer announce``: our Announcer (plus, with ``serve``, the library's
+    """``peers.zeroconf_peer announce``: our Announcer (plus, with ``serve``, the library's
     server role handing the blob in ``serve[1]`` to key id ``serve[0]``); :attr:`name` is the
     name it registered."""
 

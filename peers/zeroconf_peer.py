@@ -1,5 +1,5 @@
 """Our Zeroconf ends as programs, to run inside a test's network namespace with
-``ip netns exec NS .venv/bin/python -m tests.peers.zeroconf_peer ...``.
+``ip netns exec NS .venv/bin/python -m peers.zeroconf_peer ...``.
 
 * ``announce PORT [--name N] [--interface I] [--key-id K --secret-file F]``: an
   :class:`~server.announce.Announcer`, plus (with ``--key-id``) a minimal blocking Mandos server

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.peers.process import stop_process
-from tests.peers.upstream import free_port
+from peers.process import stop_process
+from peers.upstream import free_port
 
 PROMETHEUS = "prometheus"
 PROMTOOL = "promtool"
