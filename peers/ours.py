@@ -25,7 +25,7 @@ from peers.process import stop_process
 from peers.upstream import KeySet, free_port, listening_ports
 
 SERVER = [sys.executable, "-m", "server"]
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_native(data: bytes) -> dict[str, str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "packaging" / "build.py"
 PACKAGES = ("mandos-server", "mandos-password-agent")
 #: What a step in the root runs with: no proxy, locale or Python settings of the test's own.

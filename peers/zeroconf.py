@@ -21,7 +21,7 @@ from peers.dbus import PrivateSystemBus
 from peers.netns import Side, VethPair
 from peers.upstream import kill_process_group
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 PORT = 49901
 _READY_TIMEOUT = 15.0
 
