@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Agent latency: from a password request appearing to the password arriving, ours vs upstream,
 each agent run the way it is deployed in the initramfs.
 

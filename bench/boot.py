@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The boot benchmark: our agent's initramfs beside Debian's own Mandos dracut module, on the
 same base image, in one run (issue 11's table).
 

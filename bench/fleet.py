@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet benchmark: three of our servers sharing a real 3-member etcd, beside one server alone.
 
 In one run, on this machine:

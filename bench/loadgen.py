@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A load generator that speaks the real Mandos protocol, as many clients booting at once.
 
 Each simulated client connects, runs the Mandos client's side of the exchange as the agent does

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The handshake alone: CPU per unlock of each protocol role, with no server around it.
 
 The storm's efficiency target compares our server's CPU per unlock with the load generator's.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A Prometheus-like scraper for the storm benchmark: GET ``/metrics`` every ``every`` seconds
 (far more often than a real Prometheus is ever set to) while the storm runs, counting the
 scrapes that failed and timing each one, so that ``./dev bench`` shows what scraping costs the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The two servers under test, each started in a private temporary directory for a ``with``:
 ours (``python -m server``) and Debian's upstream ``mandos``, both on 127.0.0.1, both yielding
 ``(pid, port)``."""

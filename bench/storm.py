@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The reboot-storm benchmark: our server and Debian's upstream ``mandos``, side by side.
 
 After a power cut a rack boots at once and every machine asks for its password in the same second.

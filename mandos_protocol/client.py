@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The Mandos client's side of one exchange on a connected socket, written once for the agent,
 the tests' client and the benchmark's load generator.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """No core dumps from processes that hold secrets.
 
 The agent holds the decrypted disk password and the client's private keys, keygen holds new

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Writing files so that a crash or a power cut leaves the old file or the new one, never half.
 
 Both sides keep files that must survive a power cut whole: the server's state file and the

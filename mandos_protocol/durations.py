@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Durations as Mandos configuration files write them.
 
 Upstream accepts an RFC 3339 duration (``PT5M``, ``P1W``, ``P1DT2H``, ``P1Y2M3DT4H5M6S``) and,

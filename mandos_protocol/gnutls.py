@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """TLS 1.3 with RFC 7250 raw public keys, through libgnutls and ctypes, for both Mandos roles.
 
 Python's ``ssl`` module cannot negotiate raw public keys (OpenSSL 3.0 has no RFC 7250, and CPython

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """sd_notify for a ``Type=notify`` service: the server's and the resident agent's (``--watch``).
 
 ``NOTIFY_SOCKET`` (and the watchdog's ``WATCHDOG_USEC``/``WATCHDOG_PID``) are read once and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Drive non-blocking :class:`~mandos_protocol.gnutls.Session` calls from an asyncio loop.
 
 GnuTLS does the crypto in C (ctypes releases the GIL); this module only waits for the socket

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The version every command reports (``--version``), and the upstream release it follows.
 
 One number for the whole project: setup.cfg reads it from here (``attr:``), so the Python

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The Mandos wire protocol, version 1, apart from TLS itself.
 
 A client connects over TCP, sends the protocol line ``b"1\\r\\n"`` and then speaks TLS 1.3 in the

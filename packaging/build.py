@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Build the Debian packages mandos-server and mandos-password-agent (``./dev package``).
 
 1. The Python packages that Debian 12 lacks or ships too old are downloaded from PyPI, pinned

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The Mandos client side: a systemd password agent that answers disk-unlock requests with a
 password fetched from a Mandos server (``mandos-password-agent``), the key generator
 (``mandos-keygen``, in ``keygen/``) and the LUKS2 enrolment (``mandos-luks``, in ``luks/``).

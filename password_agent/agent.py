@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The agent's run: while requests are pending, fetch, decrypt, answer; back off while the
 network or the server is not there yet; exit when nothing is left, or, with ``--watch``, wait
 for the next request.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The record of answers already sent, so that the agent never sends the same password twice to
 the same request ``Id``.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Ask files of the systemd password-agent protocol: read one, and decide whether to answer it.
 
 systemd 252 writes ``[Ask]`` files with ``PID=``, ``Socket=``, ``NotAfter=`` (CLOCK_MONOTONIC µs,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Find Mandos servers with Zeroconf: browse ``_mandos._tcp.local.`` and resolve what answers.
 
 The agent imports this module only when it has no ``--connect`` list, because importing

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``mandos-password-agent``: the command line.
 
 Options as upstream's ``mandos-client`` spells them (``--connect --pubkey --seckey --tls-pubkey

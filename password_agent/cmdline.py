@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The kernel command line, read as upstream's initramfs-tools script reads it.
 
 ``mandos=`` takes comma-separated words: ``off`` (do nothing at all), ``connect`` (bring the

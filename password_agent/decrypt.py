@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Decrypting the blob: gpg, through python-gnupg, in a private GnuPG home prepared ahead.
 
 As upstream's client does: a temporary GNUPGHOME (0700) under ``/run`` (falling back to the

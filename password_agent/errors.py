@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The one exception type of :mod:`password_agent` (the agent and ``mandos-keygen``), and the
 one case of it that the agent's retries tell apart."""
 

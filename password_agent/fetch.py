@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Fetching the encrypted blob from one Mandos server, as upstream's ``mandos-client`` does.
 
 TCP connect, then the exchange of :mod:`mandos_protocol.client` (the protocol line, TLS 1.3 in

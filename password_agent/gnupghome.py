@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A throw-away GnuPG home: made private (0700), its gpg-agent stopped and the directory removed
 on exit, also on failure.
 

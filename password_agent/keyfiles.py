@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The four files of a Mandos client key set, named as upstream's keygen names them.
 
 The agent reads them (``--keydir`` or one option per file) and ``mandos-keygen`` writes them;

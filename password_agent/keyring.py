@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our user's kernel keyring (``@u``), through the ``add_key(2)`` and ``keyctl(2)`` system
 calls: glibc has no wrappers for them, and libkeyutils would be one more library in the
 initramfs for three calls.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The agent's log lines, as systemd expects them.
 
 On stderr, one line per record.  When stderr is the journal's stream (``JOURNAL_STREAM`` names

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Asking several Mandos servers at once, staggered in order of preference (as happy eyeballs,
 RFC 8305, does for addresses).
 

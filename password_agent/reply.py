@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Answering a request: one datagram ``+password`` to the request's ``Socket``.
 
 The requester (systemd 252) accepts it only from uid 0, as the kernel reports it through

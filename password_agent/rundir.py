@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The agent's private directory under ``/run``: where the record of answers sent and the
 temporary GnuPG homes live.  Root only (0700), a real directory (not a symlink), owned by us.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Which Mandos servers to ask: the ``--connect`` list in order, else Zeroconf browsing.
 
 ``--connect`` takes what upstream's ``mandos-client`` takes, ``ADDRESS:PORT`` split on the last

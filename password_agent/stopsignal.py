@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """SIGTERM and SIGINT: the handler only records the signal; the agent acts on it where it
 waits.
 

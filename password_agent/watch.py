@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Watching the agent directory: which requests are pending, which are present but not ours.
 
 systemd's requester creates ``ask.*`` atomically by rename (IN_MOVED_TO; its IN_CLOSE_WRITE only

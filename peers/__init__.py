@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Real peers for the tests and the benchmarks: upstream Mandos programs, a private D-Bus,
 network namespaces, a private journald, the real ``systemd-ask-password``, etcd and Prometheus,
 each started and cleaned up by a context manager so that no test leaves a process, namespace,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our password agent as a child process, for the tests that run it against real peers.
 
 :class:`AgentRun` is one ``python -m password_agent``; :class:`AgentHarness` starts runs with

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Password requests for agent tests: the real ``systemd-ask-password``, and a fake requester.
 
 ``systemd-ask-password`` hardcodes ``/run/systemd/ask-password`` and writes that absolute path

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A private *system* D-Bus for one test.
 
 Upstream's ``mandos`` opens the system bus even with ``--no-dbus``, and its D-Bus API (used by

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A real etcd cluster for one test: three ``etcd`` members (Debian's ``etcd-server``) on
 127.0.0.1 ports picked by the test, data in a temporary directory, mutual TLS on the client
 port as real clusters run (a CA, server certificates for 127.0.0.1, and a client certificate

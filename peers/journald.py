@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A real ``systemd-journald`` for one test, in a private mount namespace.
 
 There is no PID-1 systemd (and no journald) on the build machines, and a test must not write to a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The secret scan: the secrets that the tests hand to the programs, and the places where they
 must never show up.
 

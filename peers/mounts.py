@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A small tmpfs for one test, to make a full or read-only file system on purpose.
 
 Mounted on a directory of the test's own temporary directory, in the test's mount namespace

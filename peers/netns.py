@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Two network namespaces joined by a veth pair, for tests that need a real link (Zeroconf,
 IPv6 link-local, ``--interface``) without touching the host's network.
 

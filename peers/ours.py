@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our own server as a peer: ``mandos-server`` as a subprocess in a temporary config and state
 directory, a journal sink that parses the native journal protocol, and a small Mandos client on
 our own GnuTLS binding for fast checks of "got the blob / got nothing" (the real mandos-client

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our Debian packages for the tests: built as ``./dev package`` builds them
 (packaging/build.py), and a throwaway root to install them in.
 

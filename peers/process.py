@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Ending a peer's child process: one way for every peer, so that none is left running or
 unreaped when a test ends (a zombie or a leftover daemon would spoil the next test)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A real Prometheus (Debian's ``prometheus``) for one test, and its ``promtool``.
 
 The server runs on loopback with its own configuration and TSDB in a temporary directory,

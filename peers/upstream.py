@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Debian's real upstream Mandos 1.8 programs as test peers.
 
 * :func:`make_upstream_keys` runs ``mandos-keygen`` to make a key set (RSA-4096 OpenPGP plus an

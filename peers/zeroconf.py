@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Zeroconf peers for tests: our announcing programs (:mod:`peers.zeroconf_peer`) run in a
 network namespace, a private avahi-daemon for upstream's own announcement, and a browser that
 waits for names to appear.  avahi-daemon runs with a private tmpfs on /run (its pid file and

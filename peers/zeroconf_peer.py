@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our Zeroconf ends as programs, to run inside a test's network namespace with
 ``ip netns exec NS .venv/bin/python -m peers.zeroconf_peer ...``.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Announce the server with Zeroconf (DNS-SD over mDNS) as ``_mandos._tcp``, without avahi-daemon.
 
 Upstream publishes through avahi-daemon over D-Bus; we answer mDNS ourselves with python-zeroconf's

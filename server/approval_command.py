@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``approval_command``: tell someone that a request waits for approval.
 
 A client with ``approval_delay`` makes each request wait for ``mandos-ctl --approve NAME`` (or

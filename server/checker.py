@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Checker commands: ``%(attr)s`` expansion and running one as a child process.
 
 A checker is a shell command whose exit status 0 means "the client host is alive".  As upstream

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``mandos-server``: the command line, as upstream's ``mandos`` takes it.
 
 Options override mandos.conf's ``[DEFAULT]``, which overrides the built-in defaults.  The server

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A client's life: enabled until it expires, kept alive by checkers, gated by approvals.
 
 This follows upstream Mandos 1.8's server (its ``Client`` class):

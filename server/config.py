@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos.conf and clients.conf, read as upstream Mandos 1.8 reads them.
 
 Both are ConfigParser files with ``[DEFAULT]``, ``%(key)s`` interpolation and indented

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Notice changes in clients.d/, so that a file dropped there, rewritten or removed takes effect
 without a SIGHUP.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``mandos-ctl``: list and control the clients of a running Mandos server over D-Bus.
 
 The options, their conflicts and the output (the table, ``--verbose``, ``--dump-json``) are

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The running server: one asyncio loop holding the clients, the listener, the state file,
 sd_notify, the Zeroconf announcement and the signal handlers.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 # mypy: disable-error-code="no-redef"
 """The D-Bus admin API on the system bus, as upstream Mandos 1.8 offers it (bus name
 ``se.recompile.Mandos``; /usr/share/doc/mandos/DBUS-API), so that upstream's ``mandos-ctl`` and

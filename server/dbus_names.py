@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The names of the D-Bus admin API, which the server (:mod:`server.dbus_api`) serves and
 ``mandos-ctl`` (:mod:`server.ctl`) calls: upstream's bus name, object paths, interfaces and
 client properties (/usr/share/doc/mandos/DBUS-API), so that upstream's ``mandos-ctl`` and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What happens in the server, as typed events, and the one publisher that hands them out.
 
 The client table, the listener and the daemon publish an event (a frozen dataclass below) for

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Fleet sync: several servers share their clients' state through etcd.
 
 What this server decides (a client enabled or disabled, a successful check, a secret sent, an

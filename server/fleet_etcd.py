@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The connection to etcd, through etcd3aio (asyncio gRPC): reads in pages, writes in
 transactions, one watch of the prefix, a lease; TLS (a CA, a client certificate and key)
 when the settings have a CA."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet's shared state in etcd: the key schema, its records, and the etcd connection.
 
 Keys, under the prefix (``--etcd-prefix``, default ``/mandos/``); a client's name is

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Whether this server is healthy, for ``/healthz``: a list of checks, each saying why not.
 
 A check is a function returning ``None`` when all is well, or a short reason an operator can

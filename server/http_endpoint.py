@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The metrics endpoint (``--metrics``): a small HTTP/1.1 responder on the server's own asyncio
 loop, serving ``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it) and
 ``/healthz`` (200 ``ok``, or 503 with a one-line reason).

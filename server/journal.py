@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """One journal entry per decision and state change, with structured fields.
 
 Entries go to journald over its native protocol (one AF_UNIX datagram of ``KEY=VALUE`` lines;

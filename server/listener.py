@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Listening sockets, and the handling of each connection.
 
 Sockets come from the service manager (``LISTEN_FDS``), from ``--socket FD``, or are bound

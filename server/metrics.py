@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What the server counts and measures, for Prometheus (``--metrics``; README, "Metrics").
 
 Two kinds of numbers, each taken where it is cheapest and cannot drift:

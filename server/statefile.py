@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The state file: what must survive a restart, as JSON in the state directory.
 
 ``<statedir>/clients.json`` (mode 0600) holds, per client, its :class:`ClientState`, the

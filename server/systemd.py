@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Socket activation: the listening sockets the service manager passes (``mandos.socket``).
 
 libsystemd's ``sd_listen_fds(3)``, through pystemd, reads ``LISTEN_FDS`` (only if

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Fixtures shared by all tests: real peers from :mod:`peers`, started per test (or once per
 session when they are expensive and stateless, like upstream key sets)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``./dev demo``: the main job, end to end, on loopback.
 
 1. ``mandos-keygen`` makes a fresh key set and the ``clients.conf`` section for a password;

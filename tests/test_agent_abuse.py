@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Abuse of the password agent: 10 hostile ask files (A1-A10) and 7 hostile Mandos servers
 (B1-B7).
 

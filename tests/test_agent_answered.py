@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The record of answers sent (``password_agent/answered.py``): a restarted agent still never
 sends the same password twice to one request ``Id``, while the file holds hashes only, never
 the key that would let its reader test password guesses offline.  The key lives in root's real

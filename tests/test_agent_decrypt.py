@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What the agent's decryption accepts from a server, with the real gpg.
 
 Before the TLS handshake nothing says who sent a blob: any Zeroconf responder on the LAN can

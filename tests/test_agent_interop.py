@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The password agent against real peers: Debian's upstream ``mandos`` server hands out the
 blob, the real ``systemd-ask-password`` (in a private mount namespace) or a fake requester
 (a raw ask file and a bound datagram socket) asks, and real gpg decrypts.

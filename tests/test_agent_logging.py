@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The agent's log lines reach the journal with their syslog priority (a warning is a warning
 in ``journalctl -p warning``), and ``SYSTEMD_LOG_LEVEL`` sets how much it logs.
 

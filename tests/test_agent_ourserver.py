@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The password agent against our own server (``mandos-server``), the real
 ``systemd-ask-password`` asking."""
 

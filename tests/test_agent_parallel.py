@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Several servers: the agent asks them at once, staggered in the order given (happy
 eyeballs), so that a black-holed first server costs a fraction of a second instead of the
 fetch's whole deadline, while a healthy first server is the only one asked.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """SIGTERM at random moments in a resident agent's life, 200 times: it must always end.
 
 The agent used to raise an exception from its SIGTERM handler; one that landed inside

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Unit tests of the password agent's parts that need no network peer: ask-file parsing and
 rules (against real files and sockets), the kernel command line, ``--connect`` parsing, the
 datagram reply, and the systemd units (``systemd-analyze verify``)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The resident agent (``--watch``, as the initramfs runs it) against real peers: our server,
 the real ``systemd-ask-password`` in a private mount namespace, real gpg and gpg-agent, and a
 datagram socket standing in for systemd's ``NOTIFY_SOCKET``.

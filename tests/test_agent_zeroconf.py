@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The password agent without ``--connect``: it browses with Zeroconf (lazily importing
 :mod:`password_agent.browse`) and asks what it finds, here our announcer in the other network
 namespace of a veth pair serving the upstream-made blob, our real server announcing itself,

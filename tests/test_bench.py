@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The benchmark code still runs and checks what it measures (no timings are asserted here:
 performance is measured by ``./dev bench``, not by tests)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our mandos-ctl against our server and against upstream's, beside upstream's mandos-ctl: the
 same output for the same state, and actions that take effect on the wire."""
 

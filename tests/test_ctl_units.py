@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our mandos-ctl's pure parts and its command line, the latter beside upstream's."""
 
 from __future__ import annotations

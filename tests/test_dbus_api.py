@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our server's D-Bus admin API, driven by upstream's own ``mandos-ctl`` (unchanged) on a
 private system bus, with the effects checked on the wire (a fetch gets the blob or nothing)
 and the signals heard with dbus-fast."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``./dev demo`` keeps working: our keygen, server and agent answer a real
 systemd-ask-password request with the right password."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos_protocol.durable: whole files in place, exact modes, nothing left behind."""
 
 from __future__ import annotations

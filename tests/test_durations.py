@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Durations: our parser against upstream's own (its functions, taken from /usr/sbin/mandos),
 so that a clients.conf means the same to both servers, and what we write upstream can read."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Several of our servers sharing their clients' state through a real 3-member etcd cluster
 (TLS with a client certificate), each with its own private system bus so that Debian's
 ``mandos-ctl`` can talk to each one; requests by Debian's ``mandos-client``."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet's records, keys and settings (server/fleet_store.py), without etcd."""
 
 from __future__ import annotations

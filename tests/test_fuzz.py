@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Property-based fuzzing (hypothesis) of everything that parses outside input: ask files, the
 configuration files, durations, the protocol line, and the D-Bus property setters.
 

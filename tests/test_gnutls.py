@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The libgnutls binding, both Mandos roles against each other over a socketpair: blocking (one
 thread per side) and non-blocking (both sides in one asyncio loop), deadlines, refusals, the
 library checks, and that 10,000 sessions do not leak memory."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos_protocol against Debian's real upstream Mandos 1.8 programs, in both roles:
 
 * our Mandos-server role hands a keygen-made blob to the real ``mandos-client``, which decrypts

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos-keygen: our keys and sections against certtool, plain gpg, and upstream Mandos itself.
 
 The CLI runs as a subprocess (as a user runs it), with TMPDIR pointing into the test's own

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos-keygen on a full key directory: a clear one-line error, a non-zero exit, no partial
 key set and no temporary file left, old keys (``--force``) untouched; with space, it works.
 

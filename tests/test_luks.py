@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos-luks against real cryptsetup, real gpg and our real server, on LUKS2 images in files.
 
 ``bind`` makes the keys and the section, the section goes into the server's ``clients.d/``, and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The manual pages in ``man/`` against the code they describe.
 
 Each console script in setup.cfg has ``man/<script>.8``; its OPTIONS section documents exactly

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``--metrics``: a real Prometheus (Debian's) scrapes our server during a short storm and counts
 what the test did; ``promtool check metrics`` accepts the exposition; ``/healthz`` follows the
 state directory going read-only and writable again, and etcd going away and coming back; the

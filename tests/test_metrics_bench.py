@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The storm benchmark's scraped column still runs: our server with ``--metrics`` is scraped
 all along a tiny storm, beside the same server not scraped (no timing is asserted: ``./dev
 bench`` measures)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """contrib/: the Prometheus alerting rules pass ``promtool check rules``, each alert has a unit
 test that ``promtool test rules`` runs (and one that fails when a rule is broken), and every
 Grafana panel queries only metrics the server exports.  That the panels' queries evaluate on a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The HTTP responder of ``--metrics`` in-process, on loopback: what it answers to each request,
 and the bounds that keep a slow or hostile scraper from costing the server (the whole server
 under a real Prometheus is tests/test_metrics.py)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Upstream's ``mandos-monitor`` (an urwid TUI, unchanged) on our server's D-Bus API: it lists our
 clients and its keys act on them.  It runs in a tmux on a private socket; the test reads the
 screen with ``capture-pane`` and types with ``send-keys``."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The Debian packages from ``./dev package`` (packaging/build.py), installed, upgraded, removed
 and purged in a throwaway root, with real dpkg, apt, systemd-sysusers, dracut and lintian.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """peers/process.py: every peer ends its child with :func:`stop_process`, so a peer that
 ignores SIGTERM must still end up killed and reaped, and one already gone must not be
 signalled."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Smoke tests of the test peers themselves: each helper starts its real program, the program
 does what the other tests rely on, and nothing is left behind."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The secret scan (issue 9): no test password, blob or private key in any captured log,
 journal entry, state file, process argv or environment, core file, or D-Bus property that a
 non-root caller can read.

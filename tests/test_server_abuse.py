@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our server under network abuse on loopback: floods of silent, one-byte and garbage peers
 that reopen as soon as they are closed, an oversized protocol line, a connect-and-close flood
 and a ClientHello that stops half-way.  A real client (Debian's ``mandos-client``, and our

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``approval_command``: run when a request needs approval, with the client's name, key id
 and peer in its environment and never a secret; answered by ``mandos-ctl --approve`` (ours and
 Debian's upstream one); a hanging command is killed at its timeout while the server serves on."""

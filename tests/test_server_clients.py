@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """In-process tests of the client state machine (approvals, enable/disable), the state file
 merge rules, the journal's wire encoding, and the listener's handling of bad peers."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """clients.d/*.conf: read after clients.conf in name order, with clients.conf's [DEFAULT]; a
 broken file keeps its previous contents on a reload; a client name, key_id or fingerprint
 defined twice refuses the later file; reloaded on SIGHUP and, through inotify, whenever a file

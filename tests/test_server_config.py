@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """mandos.conf and clients.conf as upstream reads them, and every bad input as a one-line
 error naming the file, the section and the key (exit status 1 at start-up)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The server under faults: SIGKILL at random moments, a full disk, a read-only state
 directory, no journal, the system bus going away, a hanging checker, a garbage clients.conf.
 

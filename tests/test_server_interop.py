@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Our server against Debian's real mandos-client, with keys and sections from upstream's
 mandos-keygen: the password arrives over IPv4 and IPv6; an unknown key, a disabled client and
 a denied approval get nothing (the client keeps retrying until ``timeout`` stops it)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A client's life in the running server: checkers and timeouts, the extended timeout after a
 secret, restart with state restore, reload on SIGHUP, SIGTERM during an approval wait."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The per-connection I/O of the listener made cheaper (one fd registration per connection, the
 protocol line in one ``recv``) must not change what a peer sees or what it costs."""
 

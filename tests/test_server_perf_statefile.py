@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The state file under load: a burst of unlocks is saved in a few batched writes, not one
 write per unlock, and SIGTERM still saves the latest state (server/statefile.py explains the
 trade-off).  Writes are counted with inotify: every atomic write ends in a rename onto

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The server as a systemd service: socket activation (systemd-socket-activate), sd_notify
 (READY=1, STATUS=, WATCHDOG=1, STOPPING=1 on a test-bound NOTIFY_SOCKET), the unit files
 (systemd-analyze verify and security), and a real journald receiving the events."""

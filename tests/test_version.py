@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """One version for the project (mandos_protocol.version): every console script in setup.cfg
 reports it with ``--version`` (and with upstream's short option where upstream's command has
 one), and the installed distribution's metadata carries it (setup.cfg reads it)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The protocol line, the default priority and key ids, checked against upstream's own
 behaviour (its server source and its keygen's certtool) rather than against our own reading."""
 

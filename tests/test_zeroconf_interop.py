@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Zeroconf against the real upstream peers, across a veth pair between two network namespaces.
 
 * our :class:`~server.announce.Announcer` is found by Debian's ``mandos-client`` (no

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Zeroconf rules that need no network: the rename after a name collision (avahi's, which
 upstream's server gets) and which browsed addresses the agent can connect to."""
 

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: GPL-3.0-or-later
 # dracut module "mandos-agent": our Python password agent (python -m password_agent) in a
 # systemd initramfs, answering disk-unlock requests with the password a Mandos server hands out.
 # The agent's service is started at boot and stays resident, warmed up (--watch, Type=notify);

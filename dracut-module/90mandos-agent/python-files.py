@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """List the Python files the password agent needs in the initramfs, as ``SOURCE<TAB>TARGET`` lines.
 
 Run by module-setup.sh with the same interpreter the initramfs runs (/usr/bin/python3, never a

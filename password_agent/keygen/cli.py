@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``mandos-keygen``: make a Mandos client's keys, or a clients.conf section for a password.
 
 Same options, file names, messages and output as upstream's shell script (Mandos 1.8).  Key

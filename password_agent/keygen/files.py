@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The key directory: which files it holds, refusing to overwrite them, numbered backups.
 
 Upstream refuses to touch a directory that already holds any of the four key files unless

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The client's OpenPGP key pair, and passwords encrypted to it, with python-gnupg and ``gpg``.
 
 Everything happens in a throw-away GNUPGHOME (a fresh 0700 directory); its gpg-agent is stopped

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Getting the password to encrypt, and the host's SSH key for upstream's ssh-keyscan checker.
 
 The password is bytes from start to end: read raw from ``--passfile`` (``-`` is standard input,

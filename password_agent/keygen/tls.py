@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """TLS raw-public-key pairs for a Mandos client, made with ``cryptography``.
 
 Upstream's keygen runs ``certtool --generate-privkey --sec-param ultra --key-type=TYPE --pkcs8``

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``mandos-luks``: enrol a LUKS2 volume for Mandos, prove it unlocks, rotate and remove it.
 
 A binding is a keyslot opened by a random key that only the Mandos server hands out

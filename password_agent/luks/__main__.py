@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``python -m password_agent.luks``: the same as ``mandos-luks``."""
 
 import sys

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Bind, unbind and rotate: the changes ``mandos-luks`` makes to a LUKS2 header.
 
 Each change keeps the volume openable at every step: a keyslot is added before its token is

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """``mandos-luks``: bind a LUKS2 volume to Mandos, prove it unlocks, rotate, unbind, list.
 
 ``bind`` adds a keyslot opened by a fresh random key, records a ``mandos`` token naming it and

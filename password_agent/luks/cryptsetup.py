@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Running ``cryptsetup``: the one place that starts it, hands it secrets through pipes and
 turns its failures into one-line errors.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The LUKS2 header as ``mandos-luks`` sees it: which keyslots and tokens are in use, and the
 bindings, from ``cryptsetup luksDump --dump-json-metadata``.
 

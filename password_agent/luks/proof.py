@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The pre-reboot proof: fetch the secret from the Mandos servers exactly as the initramfs
 agent does, and check with cryptsetup that it opens a binding's keyslot, unlocking nothing.
 

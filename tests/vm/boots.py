@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What the dracut boot tests share: the VM client's section, the kernel command line, and
 how a boot's console is shown when an assertion fails."""
 

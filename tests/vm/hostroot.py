@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A VM whose root file system is a throwaway copy of the host's own (peers/packages.py's
 :class:`Root`: the host's ``/`` under an overlay, where the test installed its files and our
 packages), so that the host's systemd runs as PID 1 on the host's programs and libraries.

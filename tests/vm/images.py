@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """What the VM boot test boots, built once and cached: a Debian kernel, a LUKS2 root disk with a
 busybox root file system, a Mandos key set, and an initramfs made by dracut with our module.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A LAN for a VM, inside network namespaces of the test's own.
 
 qemu's user networking (slirp) carries no multicast and no IPv6 link-local traffic, so a boot

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Booting the test VMs: qemu with the serial console in a log file and a hard deadline
 (:func:`run`); :func:`boot` adds a disk and user networking that reaches nothing but one
 forwarded port on host loopback (tests/vm/hostroot.py adds the host's root file system instead).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The checks that tests/vm/test_server_units.py runs inside its VM, where systemd is PID 1 and
 runs our units/mandos.socket and units/mandos.service as shipped, and the booted system's
 password agent units, units/mandos-password-agent.path and .service.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The whole chain in a real boot: a qemu VM whose root file system is LUKS2-encrypted boots a
 dracut/systemd initramfs carrying our module (dracut-module/90mandos-agent); our agent starts at
 boot, resident (``--watch``), and warms up; systemd-cryptsetup asks for the passphrase; the agent

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """A root enrolled only by ``mandos-luks bind`` unlocks at boot.
 
 The disk's passphrase stays with the administrator: ``bind`` adds a keyslot opened by a fresh

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Boots on a real LAN (tests/vm/lan.py: a tap device bridged to a veth link, in network
 namespaces of the test's own): the initramfs finds its server by Zeroconf with nothing
 configured, over IPv6 link-local, as most Mandos sites run it.

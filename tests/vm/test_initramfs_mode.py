@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The initramfs holds the client's secret keys: it must end up readable by root alone, also
 when dracut rebuilds an image that an earlier tool made world-readable.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The server's units as the mandos-server package installs them, under a real systemd PID 1:
 mandos.socket and mandos.service (Type=notify, the watchdog, User=_mandos, StateDirectory=, and
 the whole sandbox: ProtectSystem=strict, MemoryDenyWriteExecute=, SystemCallFilter=, the
