@@ -39,8 +39,12 @@ from zeroconf import (
 
 from mandos_protocol.wire import SERVICE_TYPE
 
-#: Once one server is resolved, how long to wait for others before returning.
-GRACE = 0.3
+#: Once one server is resolved, how long to wait for others before returning: the servers
+#: answer the same query, and an mDNS responder delays its answer with shared records (the
+#: PTR) by 20-120 ms (RFC 6762, section 6), so 0.15 s collects them.  Every boot pays it
+#: (upstream's client takes the first server it resolves); a server that comes later still
+#: joins the next round, as the browse stays open while requests are pending.
+GRACE = 0.15
 #: With no server found yet, a browse older than this is started afresh.
 RESTART_SECONDS = 2.0
 #: While waiting for the first server, how often the interfaces are looked at again.
