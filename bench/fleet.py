@@ -52,6 +52,7 @@ from bench.loadgen import (
 )
 from mandos_protocol import gnutls
 from peers.etcd import EtcdCluster
+from peers.process import stop_process
 from peers.upstream import free_port, listening_ports
 from server.fleet_etcd import EtcdStore
 from server.fleet_store import FleetSettings, Record, Schema
@@ -98,12 +99,7 @@ def server(conf: str, extra_args: Sequence[str] = ()) -> Iterator[Started]:
             time.sleep(0.01)
         yield Started(process.pid, port, time.monotonic() - started, directory)
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 20)
         shutil.rmtree(directory, ignore_errors=True)
 
 

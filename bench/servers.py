@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from peers.process import stop_process
 from peers.upstream import UpstreamServer, free_port, listening_ports
 
 
@@ -47,12 +48,7 @@ def our_server(clients_conf: str, metrics_port: int | None = None) -> Iterator[t
                 time.sleep(0.02)
             yield process.pid, port
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, 10)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
