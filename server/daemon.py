@@ -172,7 +172,9 @@ class Daemon:
                 await self._announce(self.listener.port)
             self._save_now()
             self.events.publish(events.ServerStarted(
-                addresses=tuple(_describe(sock) for sock in sockets)))
+                addresses=tuple(_describe(sock) for sock in sockets),
+                metrics=None if self.metrics_endpoint is None
+                else self.metrics_endpoint.address))
             self.notifier.ready(self.status_line())
             self._arm_watchdog()
             changed, self._changed_while_starting = self._changed_while_starting, None

@@ -313,6 +313,8 @@ class StateWriteRecovered(ServerEvent):
 @dataclass(frozen=True, kw_only=True)
 class ServerStarted(ServerEvent):
     addresses: tuple[str, ...]
+    #: Where /metrics and /healthz are served (``--metrics``), as HOST:PORT, else None.
+    metrics: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

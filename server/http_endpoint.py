@@ -117,6 +117,13 @@ class MetricsEndpoint:
         assert self._socket is not None
         return int(self._socket.getsockname()[1])
 
+    @property
+    def address(self) -> str:
+        """HOST:PORT of the bound socket, an IPv6 host in brackets, as a URL has it."""
+        assert self._socket is not None
+        host, port = self._socket.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     async def stop(self) -> None:
         if self._server is None:
             if self._socket is not None:

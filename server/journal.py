@@ -321,8 +321,10 @@ def _entry(happened: events.ServerEvent) -> _Entry | None:
             return _Entry(Event.STATE_PROBLEM, f"Saved the state in {happened.path} again",
                           priority=NOTICE)
         case events.ServerStarted():
+            metrics = (f"; metrics and health at http://{happened.metrics}/"
+                       if happened.metrics else "")
             return _Entry(Event.SERVER_STARTED, "Mandos server listening on "
-                          f"{', '.join(happened.addresses)}")
+                          f"{', '.join(happened.addresses)}{metrics}")
         case events.ServerStopping():
             return _Entry(Event.SERVER_STOPPING, "Mandos server stopping")
     return None

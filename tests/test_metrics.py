@@ -129,6 +129,10 @@ def test_promtool_accepts_the_exposition_and_openmetrics_is_offered(keys: Keys) 
         assert families["mandos_secrets_sent"].type == "counter"
         assert len(families["mandos_secrets_sent"].samples) == 2
         assert _get(port, "/nothing")[0] == 404
+        # The journal says where the metrics are, in the server-started entry.
+        assert server.journal is not None
+        started = server.journal.wait_for("server-started")[0]["MESSAGE"]
+        assert f"metrics and health at http://127.0.0.1:{port}/" in started
 
 
 def test_series_are_bounded_by_the_configured_clients(keys: Keys) -> None:
