@@ -174,7 +174,7 @@ class Daemon:
             self.events.publish(events.ServerStarted(
                 addresses=tuple(_describe(sock) for sock in sockets),
                 metrics=None if self.metrics_endpoint is None
-                else self.metrics_endpoint.address))
+                else _describe(self.metrics_endpoint.listening_socket)))
             self.notifier.ready(self.status_line())
             self._arm_watchdog()
             changed, self._changed_while_starting = self._changed_while_starting, None

@@ -113,16 +113,14 @@ class MetricsEndpoint:
         return len(self._open)
 
     @property
-    def port(self) -> int:
+    def listening_socket(self) -> socket.socket:
+        """The bound listening socket."""
         assert self._socket is not None
-        return int(self._socket.getsockname()[1])
+        return self._socket
 
     @property
-    def address(self) -> str:
-        """HOST:PORT of the bound socket, an IPv6 host in brackets, as a URL has it."""
-        assert self._socket is not None
-        host, port = self._socket.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    def port(self) -> int:
+        return int(self.listening_socket.getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is None:
