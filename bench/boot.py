@@ -15,7 +15,7 @@ off the serial console, in seconds after qemu started: the disk's passphrase pro
 request), the end of systemd-cryptsetup (unlocked) and the root's init (root).  Medians are
 printed and written to ``bench/results/boot-<time>.md``.
 
-    ./dev bench --boot [--runs N]
+    ./dev bench --boot [--runs N] [--logs DIRECTORY]
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench --boot", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="boots of each (default 3)")
+    parser.add_argument("--logs", type=Path, metavar="DIRECTORY",
+                        help="keep each boot's serial console there, to see where time goes")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mandos-bench-boot-") as temporary:
         work = Path(temporary)
@@ -150,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 for flavour in flavours:
                     print(f"bench: boot {run + 1}/{arguments.runs} with {flavour.name}",
                           file=sys.stderr)
-                    boot(flavour, vm, lan, work / f"{flavour.name}-{run}.log")
+                    log = (arguments.logs or work) / f"{flavour.name}-{run}.log"
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    boot(flavour, vm, lan, log)
     report = table(bases, vm.initrd.stat().st_size, flavours, arguments.runs)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"boot-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}.md"
