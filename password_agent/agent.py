@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ from password_agent.errors import AgentError, NetworkNotUp
 from password_agent.fetch import FETCH_TIMEOUT, Wait, fetch_blob
 from password_agent.gnupghome import remove_stale_homes
 from password_agent.keyfiles import KeyFiles
-from password_agent.race import Outcome, race
+from password_agent.race import Discover, Outcome, race
 from password_agent.reply import send_password
 from password_agent.rundir import hold, private_directory
 from password_agent.servers import Interfaces, Server, wait_for_interfaces
@@ -255,24 +256,37 @@ class Agent:
                     password[:] = bytes(len(password))
                 backoff = FIRST_BACKOFF
 
-    def _servers(self, deadline: _Deadline) -> list[Server]:
+    def _servers(self, deadline: _Deadline) -> list[Server] | Discover:
         """The servers to ask this round: ``--connect`` if given, else those that Zeroconf
-        found so far, browsing on while requests are pending (:class:`browse.Browser`)."""
+        finds, each asked as soon as it is resolved while the browse goes on (it stays open
+        while requests are pending: :class:`browse.Browser`)."""
         if self.config.connect:
             return self.config.connect
         if self._browser is None:
             from password_agent.browse import Browser  # zeroconf costs 40 ms; only here
 
             self._browser = Browser(self.config.interfaces.only)
-        found = [Server(host, port)
-                 for host, port in self._browser.servers(
-                     deadline.left(BROWSE_SECONDS), stop=lambda: stopsignal.received() is not None)]
-        stopsignal.check()
-        if found:
-            log.info("Zeroconf found %s", ", ".join(str(server) for server in found))
-        else:
-            log.info("Zeroconf found no Mandos server")
-        return found
+        browser = self._browser
+        seconds = deadline.left(BROWSE_SECONDS)
+
+        def discover(stopped: Callable[[], bool], stop_fd: int) -> Iterator[Server]:
+            def stop() -> bool:
+                return stopped() or stopsignal.received() is not None
+
+            found = False
+            try:
+                for host, port in browser.discover(seconds, stop, stop_fd):
+                    found = True
+                    server = Server(host, port)
+                    log.info("Zeroconf found %s", server)
+                    yield server
+            except Exception as error:  # a network hiccup must not end the agent
+                log.warning("Zeroconf browsing failed: %s", error)
+                return
+            if not found and not stop():
+                log.info("Zeroconf found no Mandos server")
+
+        return discover
 
     def _close_browser(self) -> None:
         """No request pending: no more Zeroconf traffic."""

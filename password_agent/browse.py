@@ -19,13 +19,16 @@ follow-up questions, a second later, ask for multicast answers, which reach ever
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import os
 import queue
+import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ifaddr
@@ -39,11 +42,11 @@ from zeroconf import (
 
 from mandos_protocol.wire import SERVICE_TYPE
 
-#: Once one server is resolved, how long to wait for others before returning: the servers
-#: answer the same query, and an mDNS responder delays its answer with shared records (the
-#: PTR) by 20-120 ms (RFC 6762, section 6), so 0.15 s collects them.  Every boot pays it
-#: (upstream's client takes the first server it resolves); a server that comes later still
-#: joins the next round, as the browse stays open while requests are pending.
+#: Once one server is resolved, how long the browse goes on for others in the same round: the
+#: servers answer the same query, and an mDNS responder delays its answer with shared records
+#: (the PTR) by 20-120 ms (RFC 6762, section 6), so 0.15 s collects them.  The first server is
+#: asked meanwhile (:meth:`Browser.discover`), so no boot waits for it; a server that comes
+#: later still joins the next round, as the browse stays open while requests are pending.
 GRACE = 0.15
 #: With no server found yet, a browse older than this is started afresh.
 RESTART_SECONDS = 2.0
@@ -125,11 +128,12 @@ class Browser:
     later (a cold-rack start: the server boots too) is noticed when it announces itself, not
     at the agent's next round.
 
-    :meth:`servers` gives what has been resolved so far; :meth:`fileno` turns readable when an
-    announcement arrives, for the agent's waits.  Until a first server is found, the browse
-    starts afresh whenever the usable interfaces change (a link comes up, a link-local address
-    finishes duplicate address detection: before that it cannot be bound, and a browse over
-    it finds nothing) and at every call of :meth:`servers` after :data:`RESTART_SECONDS`.
+    :meth:`discover` gives the servers as they are resolved; :meth:`fileno` turns readable
+    when an announcement arrives, for the agent's waits between rounds.  Until a first server
+    is found, the browse starts afresh whenever the usable interfaces change (a link comes up,
+    a link-local address finishes duplicate address detection: before that it cannot be
+    bound, and a browse over it finds nothing) and at every call of :meth:`discover` after
+    :data:`RESTART_SECONDS`.
     """
 
     def __init__(self, interface: str | None = None) -> None:
@@ -144,7 +148,7 @@ class Browser:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def fileno(self) -> int:
-        """Readable once an announcement arrived since the last :meth:`servers`."""
+        """Readable once an announcement arrived since the last :meth:`discover`."""
         return self._wake_read
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
@@ -162,55 +166,98 @@ class Browser:
         self._zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
         self._browser = ServiceBrowser(self._zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
-    def _resolve(self, zeroconf: Zeroconf, name: str, seconds: float) -> None:
+    def _resolve(self, zeroconf: Zeroconf, name: str, seconds: float,
+                 stop: Callable[[], bool]) -> list[tuple[str, int]]:
+        """``name``'s addresses, best first, resolved within ``seconds`` (at once when its
+        announcement carried them, as avahi's and python-zeroconf's do).  Waited for in steps
+        of :data:`POLL_SECONDS` on python-zeroconf's loop, so that ``stop`` ends it early."""
         info = ServiceInfo(SERVICE_TYPE, name)
-        if not info.request(zeroconf, max(1, int(seconds * 1000))) or not info.port:
-            return
+        if not info.load_from_cache(zeroconf):
+            assert zeroconf.loop is not None  # started with the Zeroconf
+            request = asyncio.run_coroutine_threadsafe(
+                info.async_request(zeroconf, max(1, int(seconds * 1000))), zeroconf.loop)
+            while not stop():
+                try:
+                    if not request.result(POLL_SECONDS):
+                        return []
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+            else:
+                request.cancel()
+                return []
+        if not info.port:
+            return []
         addresses = [(usable, info.port) for host in info.parsed_scoped_addresses(IPVersion.All)
                      if (usable := _usable(host, self._scope)) is not None]
         if addresses:
             self._found[name] = addresses
+        return sorted(addresses, key=lambda pair: _order(pair[0]))
 
-    def servers(self, timeout: float, stop: Callable[[], bool] = lambda: False
-                ) -> list[tuple[str, int]]:
-        """``(host, port)`` of every Mandos server found so far, best first.  With none found
-        yet, waits up to ``timeout`` seconds for one (and for an interface to browse on, early
-        in the boot), and returns :data:`GRACE` seconds after the first is resolved.
+    def discover(self, timeout: float, stop: Callable[[], bool] = lambda: False,
+                 stop_fd: int | None = None) -> Iterator[tuple[str, int]]:
+        """``(host, port)`` of each Mandos server as it is found: first those found before,
+        best first, then each newly resolved one at once (the agent starts asking it while
+        the browse goes on).  With none found before, waits up to ``timeout`` seconds for one
+        (and for an interface to browse on, early in the boot), and ends :data:`GRACE`
+        seconds after the first is resolved.
 
-        ``stop`` is asked every :data:`POLL_SECONDS`; when true, the wait ends with what was
-        found so far: a SIGTERM (switch-root) must not wait for the round's end."""
+        The browse ends early once ``stop()`` is true: it is asked whenever ``stop_fd`` turns
+        readable, and every :data:`POLL_SECONDS`.  A password found, or SIGTERM at
+        switch-root, must not wait for the round's end."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_read, 4096)
-        deadline = time.monotonic() + (timeout if not self._found else 0)
-        if not self._found and (self._zeroconf is None
-                                or time.monotonic() - self._started > RESTART_SECONDS):
+        known = self._known()
+        given = set(known)
+        yield from known
+        deadline = time.monotonic() + (timeout if not given else 0)
+        if not given and (self._zeroconf is None
+                          or time.monotonic() - self._started > RESTART_SECONDS):
             self._stop()  # started afresh below, on the interfaces there are then
         while not stop():
             if not self._found:
                 interfaces = _interfaces(self.interface)
                 if interfaces and (self._zeroconf is None or interfaces != self._interfaces):
                     self._restart(interfaces)  # the first, or a link that came up meanwhile
-            left = deadline - time.monotonic()
-            if self._zeroconf is None:
-                if left <= 0:
-                    return []
-                time.sleep(min(left, POLL_SECONDS))
-                continue
             try:
-                name, present = self._names.get(timeout=max(0, min(left, POLL_SECONDS)))
+                name, present = self._names.get_nowait()
             except queue.Empty:
-                if left <= POLL_SECONDS:
-                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._pause(min(left, POLL_SECONDS), stop_fd)
                 continue
+            if self._zeroconf is None:
+                continue  # an announcement to a browse since stopped
             if not present:
                 self._found.pop(name, None)
                 continue
             first = not self._found
-            self._resolve(self._zeroconf, name, max(1.0, deadline - time.monotonic()))
+            for address in self._resolve(self._zeroconf, name,
+                                         max(1.0, deadline - time.monotonic()), stop):
+                if address not in given:
+                    given.add(address)
+                    yield address
             if first and self._found:
                 deadline = min(deadline, time.monotonic() + GRACE)
-        results = dict.fromkeys(address for found in self._found.values() for address in found)
-        return sorted(results, key=lambda pair: _order(pair[0]))
+
+    def _pause(self, seconds: float, stop_fd: int | None) -> None:
+        """Sleep ``seconds``, or until an announcement arrives or ``stop_fd`` is readable."""
+        select.select([self._wake_read] + ([] if stop_fd is None else [stop_fd]), [], [],
+                      seconds)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 4096)
+
+    def _known(self) -> list[tuple[str, int]]:
+        """Every address found so far, best first, each once."""
+        known = dict.fromkeys(address for found in self._found.values() for address in found)
+        return sorted(known, key=lambda pair: _order(pair[0]))
+
+    def servers(self, timeout: float) -> list[tuple[str, int]]:
+        """``(host, port)`` of every Mandos server found by :meth:`discover`, best first."""
+        for _ in self.discover(timeout):
+            pass
+        return self._known()
 
     def _stop(self) -> None:
         if self._browser is not None:

@@ -7,7 +7,8 @@ on; a server that fails lets the next one start at once.  Results come back as t
 the caller takes the first blob that decrypts; leaving the loop abandons the attempts still
 under way.  So a black-holed first server (its packets dropped: only the fetch's deadline would
 end it) costs :data:`STAGGER`, not the whole deadline, while a healthy first server is the only
-one asked.
+one asked.  Servers found by Zeroconf join the race as they are resolved (a :data:`Discover`
+runs in a thread of its own), so the first is asked while the browse goes on for others.
 
 Each attempt runs :func:`~password_agent.fetch.fetch_blob` in a thread of its own (its GnuTLS
 calls go through ctypes, which releases the GIL).  Only the calling thread watches the
@@ -24,7 +25,7 @@ import queue
 import select
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 
 from password_agent.errors import AgentError
@@ -36,6 +37,10 @@ STAGGER = 0.25
 
 #: ``fetch(server, wait)``: the blob ``server`` sends, waiting only through ``wait``.
 Fetch = Callable[[Server, Wait], bytes]
+#: ``discover(stopped, stop_fd)``: servers as they are found, in order of preference; it ends
+#: when no more will come, or soon after ``stopped()`` turns true (``stop_fd`` turns readable
+#: then, for its waits).
+Discover = Callable[[Callable[[], bool], int], Iterable[Server]]
 
 
 @dataclass(frozen=True)
@@ -51,17 +56,22 @@ class _Cancelled(Exception):
     """The race is over: an attempt stops where it waits."""
 
 
-def race(servers: Sequence[Server], fetch: Fetch, wait: Callable[[int, float], None],
-         keep_going: Callable[[], bool], *, stagger: float = STAGGER
-         ) -> Generator[Outcome, None, None]:
+def race(servers: Sequence[Server] | Discover, fetch: Fetch,
+         wait: Callable[[int, float], None], keep_going: Callable[[], bool], *,
+         stagger: float = STAGGER) -> Generator[Outcome, None, None]:
     """Each server's :class:`Outcome` as it arrives, the attempts started ``stagger`` seconds
-    apart in the order of ``servers``.  ``wait(fd, seconds)`` is how the calling thread
-    waits for ``fd`` to be readable (it may raise, e.g. on SIGTERM); the race ends when
-    ``keep_going()`` turns false.  Closing the iterator cancels what is still running and
-    joins its threads."""
+    apart in the order of ``servers``: a list, or a :data:`Discover` run in a thread of its
+    own, whose servers join the race as they are found.  ``wait(fd, seconds)`` is how the
+    calling thread waits for ``fd`` to be readable (it may raise, e.g. on SIGTERM); the race
+    ends when ``keep_going()`` turns false, or when every server known has answered and no
+    more can come.  Closing the iterator cancels what is still running and joins its
+    threads."""
     cancel_read, cancel_write = os.pipe2(os.O_CLOEXEC)
     done_read, done_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    found: queue.SimpleQueue[Server] = queue.SimpleQueue()
+    cancelled = threading.Event()
+    discovered = threading.Event()  # no more servers will come
 
     def attempt_wait(fd: int, write: bool, seconds: float) -> None:
         poller = select.poll()
@@ -80,19 +90,46 @@ def race(servers: Sequence[Server], fetch: Fetch, wait: Callable[[int, float], N
         finally:
             os.write(done_write, b"\0")
 
+    def discover(servers: Discover) -> None:
+        try:
+            for server in servers(cancelled.is_set, cancel_read):
+                found.put(server)
+                os.write(done_write, b"\0")
+                if cancelled.is_set():
+                    break
+        finally:
+            discovered.set()
+            os.write(done_write, b"\0")
+
+    known: list[Server] = []
     threads: list[threading.Thread] = []
+    if isinstance(servers, Sequence):
+        known += servers
+        discovered.set()
+    else:
+        threads.append(threading.Thread(target=discover, args=(servers,), daemon=True,
+                                        name="discover servers"))
+        threads[0].start()
+    started = 0  # attempts started
     taken = 0  # outcomes handed out; every attempt that is not cancelled gives one
     try:
         next_start = time.monotonic()
-        while keep_going() and taken < len(servers):
+        while keep_going():
+            more = not discovered.is_set()  # read before the queue: nothing is missed
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    known.append(found.get_nowait())
+            if not more and taken == len(known):
+                break
             now = time.monotonic()
-            waiting = len(threads) < len(servers)
-            if waiting and (now >= next_start or taken == len(threads)):
-                server = servers[len(threads)]
+            waiting = started < len(known)
+            if waiting and (now >= next_start or taken == started):
+                server = known[started]
                 thread = threading.Thread(target=attempt, args=(server,), daemon=True,
                                           name=f"fetch from {server}")
                 threads.append(thread)
                 thread.start()
+                started += 1
                 next_start = now + stagger
                 continue
             wait(done_read, next_start - now if waiting else 1.0)
@@ -106,6 +143,7 @@ def race(servers: Sequence[Server], fetch: Fetch, wait: Callable[[int, float], N
                 taken += 1
                 yield outcome
     finally:
+        cancelled.set()
         os.write(cancel_write, b"\0")
         for thread in threads:
             thread.join()
