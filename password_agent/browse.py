@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ipaddress
+import logging
 import os
 import queue
 import select
@@ -41,6 +42,8 @@ from zeroconf import (
 )
 
 from mandos_protocol.wire import SERVICE_TYPE
+
+log = logging.getLogger(__name__)
 
 #: Once one server is resolved, how long the browse goes on for others in the same round: the
 #: servers answer the same query, and an mDNS responder delays its answer with shared records
@@ -161,6 +164,7 @@ class Browser:
     def _restart(self, interfaces: list[str | int]) -> None:
         """A fresh browse on ``interfaces``."""
         self._stop()
+        log.debug("Zeroconf: browsing on %s", ", ".join(map(str, interfaces)))
         self._interfaces = interfaces
         self._started = time.monotonic()
         self._zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
@@ -229,6 +233,7 @@ class Browser:
                 continue
             if self._zeroconf is None:
                 continue  # an announcement to a browse since stopped
+            log.debug("Zeroconf: %s %s", name, "announced" if present else "withdrawn")
             if not present:
                 self._found.pop(name, None)
                 continue
