@@ -58,7 +58,8 @@ FIRST_BACKOFF = 0.5
 #: How long one Zeroconf browse listens for announcements.
 BROWSE_SECONDS = 2.0
 #: The pause after a round in which every server failed for this host's own network (still
-#: coming up: no route, or the link-local address in duplicate address detection).
+#: coming up: no route, or the link-local address in duplicate address detection), or in
+#: which Zeroconf had no interface to browse on yet.
 NETWORK_RETRY = 0.25
 
 
@@ -106,7 +107,8 @@ class Agent:
         self._run_directory_checked = False
         self._decryptor: Decryptor | None = None
         self._browser: Browser | None = None
-        #: Whether every server of the last round failed for this host's own network.
+        #: Whether the last round failed for this host's own network (every server, or
+        #: Zeroconf with no interface to browse on).
         self._network_not_up = False
         self._interface_checked = False
 
@@ -284,7 +286,9 @@ class Agent:
                 log.warning("Zeroconf browsing failed: %s", error)
                 return
             if not found and not stop():
-                log.info("Zeroconf found no Mandos server")
+                log.info("Zeroconf found no Mandos server" if browser.browsing else
+                         "Zeroconf has no network to browse yet: no interface with an "
+                         "address (an IPv6 one done with duplicate address detection)")
 
         return discover
 
@@ -344,7 +348,10 @@ class Agent:
                         password[:] = bytes(len(password))
         finally:
             outcomes.close()  # abandons the servers still being asked
-            self._network_not_up = bool(ours) and all(ours)
+            # Every server failed for our own network, or Zeroconf had none to browse on:
+            # tried again soon, without a growing back-off.
+            self._network_not_up = ((bool(ours) and all(ours)) or (
+                self._browser is not None and not self._browser.browsing))
         if not watcher.pending:
             log.info("no request is pending any more; fetch abandoned")
         return repeated  # if any, answering sets the requests aside for the human

@@ -150,6 +150,11 @@ class Browser:
         self._found: dict[str, list[tuple[str, int]]] = {}
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
+    @property
+    def browsing(self) -> bool:
+        """Whether a browse runs: false until an interface has a usable address."""
+        return self._zeroconf is not None
+
     def fileno(self) -> int:
         """Readable once an announcement arrived since the last :meth:`discover`."""
         return self._wake_read

@@ -155,3 +155,49 @@ def test_sigterm_ends_a_browse_at_once(veth_pair: VethPair, upstream_client: Ups
         if agent is not None:
             agent.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_network_not_usable_yet_is_browsed_as_soon_as_it_is(
+        veth_pair: VethPair, upstream_client: UpstreamClient, tmp_path: Path) -> None:
+    """The agent's interface has no address at first (as in an initramfs before the link-local
+    address is done with duplicate address detection): the agent says so, instead of "found
+    no Mandos server", and tries again at the short network retry, so that it browses as soon
+    as the address comes.  A boot bench found rounds that ended empty just before the address
+    came, followed by the whole back-off."""
+    side = veth_pair.b
+
+    def sysctl(setting: str) -> None:
+        subprocess.run(["ip", "netns", "exec", side.netns, "sysctl", "-q", "-w",
+                        f"net.ipv6.conf.{side.interface}.{setting}"],
+                       check=True, capture_output=True, timeout=10)
+
+    subprocess.run(["ip", "-n", side.netns, "-4", "addr", "flush", "dev", side.interface],
+                   check=True, capture_output=True, timeout=10)
+    sysctl("accept_dad=0")
+    sysctl("disable_ipv6=1")
+    requests = tmp_path / "ask-password"
+    requests.mkdir()
+    work = Path(tempfile.mkdtemp(prefix="mpa-"))
+    directory = Path(tempfile.mkdtemp(prefix="mandos-test-server-"))
+    agent: AgentRun | None = None
+    try:
+        with OurServerInNamespace(veth_pair.a, upstream_client.section, directory), \
+                FakeRequester(requests) as fake:
+            agent = AgentRun(
+                ["--keydir", str(upstream_client.keys.directory), "--run-directory",
+                 str(work / "run"), "--kernel-cmdline", "/dev/null", "--timeout", "60",
+                 "--agent-directory", str(requests), f"--interface={side.interface}"],
+                work / "agent.log", functools.partial(VethPair.wrap, side))
+            agent.wait_log("Zeroconf has no network to browse yet", timeout=30)
+            sysctl("disable_ipv6=0")
+            assert fake.receive(30) == b"+" + upstream_client.password, agent.log()
+            fake.remove_ask_file()
+            assert agent.wait() == 0, agent.log()
+        log = agent.log()
+        assert "Zeroconf found no Mandos server" not in log, log
+        assert _fetched_over_link_local(log, veth_pair, PORT), log
+    finally:
+        if agent is not None:
+            agent.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
