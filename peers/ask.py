@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from peers.process import StartStop
+
 AGENT_DIRECTORY = Path("/run/systemd/ask-password")
 
 _HOLDER = (
@@ -53,7 +55,7 @@ def parse_ask_file(text: str) -> dict[str, str]:
     return fields
 
 
-class AskNamespace:
+class AskNamespace(StartStop):
     """A private agent directory ``directory`` that is ``/run/systemd/ask-password`` inside a
     mount namespace held open until the ``with`` ends."""
 
@@ -105,13 +107,6 @@ class AskNamespace:
                 self.holder.stdout.close()
             self.holder = None
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> AskNamespace:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()
 
 
 class AskPassword:

@@ -16,9 +16,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-from peers.process import stop_process
+from peers.process import StartStop, stop_process
 
 _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -39,7 +38,7 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configura
 _START_TIMEOUT = 10.0
 
 
-class PrivateSystemBus:
+class PrivateSystemBus(StartStop):
     """A ``dbus-daemon`` of type system, listening on a socket in a temporary directory.
 
     The directory is mode 0755 so that peers which drop privileges (upstream ``mandos`` runs as
@@ -97,10 +96,3 @@ class PrivateSystemBus:
             stop_process(self._process)
             self._process = None
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> PrivateSystemBus:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()

@@ -21,13 +21,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from peers.process import StartStop
 from peers.upstream import free_port
 
 ETCD = "/usr/bin/etcd"
@@ -106,7 +106,7 @@ class Member:
         return f"http://127.0.0.1:{self.peer_port}"
 
 
-class EtcdCluster:
+class EtcdCluster(StartStop):
     """``size`` etcd members on 127.0.0.1 with client TLS; ``tls`` is what a client needs."""
 
     def __init__(self, size: int = 3) -> None:
@@ -224,10 +224,3 @@ class EtcdCluster:
         for index in range(len(self.members)):
             self.kill(index)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> EtcdCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()

@@ -19,11 +19,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from peers.leaks import WATCH
-from peers.process import stop_process
+from peers.process import StartStop, stop_process
 
 JOURNALD = "/lib/systemd/systemd-journald"
 
@@ -35,7 +34,7 @@ _SCRIPT = (
 )
 
 
-class PrivateJournal:
+class PrivateJournal(StartStop):
     """``systemd-journald`` in its own mount namespace, stopped and gone after the ``with``."""
 
     def __init__(self) -> None:
@@ -135,10 +134,3 @@ class PrivateJournal:
         self._stderr.close()
         # The tmpfs mounts vanish with the last process of the namespace.
         self.process = None
-
-    def __enter__(self) -> PrivateJournal:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()

@@ -17,8 +17,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
+
+from peers.process import StartStop
 
 _DAD_TIMEOUT = 10.0
 _counter = itertools.count()
@@ -52,7 +53,7 @@ def _ip_json(netns: str, *args: str) -> Any:
     return json.loads(output)
 
 
-class VethPair:
+class VethPair(StartStop):
     """Namespaces ``a`` and ``b`` (the :class:`Side` records) with a veth link between them.
 
     ``run(side_or_ns, argv)`` and ``popen(...)`` run a command inside a namespace via
@@ -127,10 +128,3 @@ class VethPair:
         while self._created:
             name = self._created.pop()
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
-
-    def __enter__(self) -> VethPair:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()

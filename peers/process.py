@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from typing import Any
+from typing import Any, Self
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 5.0) -> int | None:
@@ -21,3 +21,20 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 5.0) -> int | 
         process.kill()
         process.wait()
         return None
+
+
+class StartStop:
+    """A peer run for a ``with`` block: :meth:`start` on entry (it returns the peer, ready),
+    :meth:`stop` on exit, also when the block failed."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -20,9 +20,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-from peers.process import stop_process
+from peers.process import StartStop, stop_process
 from peers.upstream import free_port
 
 PROMETHEUS = "prometheus"
@@ -54,7 +53,7 @@ def promtool_check_metrics(exposition: bytes) -> subprocess.CompletedProcess[str
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-class Prometheus:
+class Prometheus(StartStop):
     """``prometheus`` scraping ``targets`` (``host:port``) on 127.0.0.1, evaluating the
     alerting rules in ``rule_files``."""
 
@@ -182,10 +181,3 @@ class Prometheus:
             process, self.process = self.process, None
             stop_process(process, 10)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Prometheus:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()

@@ -37,11 +37,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from peers.dbus import PrivateSystemBus
 from peers.leaks import WATCH
+from peers.process import StartStop
 
 MANDOS = "/usr/sbin/mandos"
 MANDOS_KEYGEN = "/usr/sbin/mandos-keygen"
@@ -200,7 +200,7 @@ def kill_process_group(process: subprocess.Popen[bytes], *, graceful: bool = Tru
     process.wait()
 
 
-class UpstreamServer:
+class UpstreamServer(StartStop):
     """Debian's real ``mandos`` server, in the foreground, for the duration of a ``with``.
 
     ``clients`` is the text of ``clients.conf`` sections (from :func:`upstream_section` or
@@ -343,13 +343,6 @@ class UpstreamServer:
         if self._own_bus:
             self.bus.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> UpstreamServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()
 
 
 def upstream_client_argv(keys: KeySet, connect: str | None, hook_dir: Path, *,

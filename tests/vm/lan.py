@@ -13,9 +13,9 @@ and nothing leaves the namespaces.
 from __future__ import annotations
 
 import subprocess
-from types import TracebackType
 
 from peers.netns import Side, VethPair
+from peers.process import StartStop
 
 #: The VM's network card, a tap device in namespace ``b``.
 TAP = "mtap0"
@@ -26,7 +26,7 @@ def _ip(netns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, timeout=10)
 
 
-class VmLan:
+class VmLan(StartStop):
     """The server host (:attr:`server`, a :class:`Side`) and a bridge with the VM's tap device
     in the other namespace; qemu runs there (:meth:`wrap`) with :meth:`qemu_devices`."""
 
@@ -66,10 +66,3 @@ class VmLan:
     def qemu_devices() -> list[str]:
         return ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
                 "-device", "virtio-net-pci,netdev=n0"]
-
-    def __enter__(self) -> VmLan:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()
