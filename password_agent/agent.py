@@ -10,10 +10,12 @@ pending, a :class:`~password_agent.decrypt.Decryptor` prepares the GnuPG home in
 background while the blob is fetched, and it is removed only once no request is pending, so
 that the answer goes out first.
 
-With ``--watch`` (resident, as the initramfs runs it) the agent does, before any request, all
-that needs none: the imports, the TLS credentials and priority, and the GnuPG home with both
-keys imported and gpg-agent running; only then does it send ``READY=1``.  A request then costs
-the fetch and gpg-agent's decryption, nothing else.  The home is kept between requests and
+With ``--watch`` (resident, as the initramfs runs it) the agent, started with no request
+pending, does all that needs none: the imports, the TLS credentials and priority, and the GnuPG
+home with both keys imported and gpg-agent running; only then does it send ``READY=1``.  Started
+by a request (the initramfs's ``.path`` unit), it sends ``READY=1`` and answers that request
+first, as an agent started on demand does.  A later request costs the fetch and gpg-agent's
+decryption, nothing else.  The home is kept between requests and
 removed when the agent exits (systemd stops it before switch-root: /run survives that, and the
 home holds the secret key).  It never contacts a server before a request is pending: the
 password is fetched for a request, never ahead of one.
@@ -212,9 +214,15 @@ class Agent:
         with RequestWatcher(self.config.agent_directory, all_requests=self.config.all_requests,
                             create=self.config.watch) as watcher:
             if notifier is not None:
-                self._warm_up()
-                stopsignal.check()
-                log.info("warm (GnuPG home ready); waiting for password requests")
+                if watcher.pending:
+                    # Started by a request (the initramfs's .path unit): answer it first.  The
+                    # GnuPG home is prepared while the blob is fetched, Zeroconf loaded when
+                    # the browse starts.
+                    log.info("a request is pending; answering it, then waiting for more")
+                else:
+                    self._warm_up()
+                    stopsignal.check()
+                    log.info("warm (GnuPG home ready); waiting for password requests")
                 notifier.notify("READY=1", "STATUS=Waiting for password requests")
             backoff = FIRST_BACKOFF
             while True:

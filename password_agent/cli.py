@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mandos-password-agent",
         description="Answer systemd disk-unlock password requests with the password a Mandos "
                     "server hands out.  Exits when no request is left (a .path unit starts it "
-                    "when one appears), or with --watch stays resident, warmed up, until "
-                    "SIGTERM.")
+                    "when one appears), or with --watch stays resident until SIGTERM.")
     parser.add_argument("--agent-directory", type=Path, default=DEFAULT_AGENT_DIRECTORY,
                         help="directory of ask.* requests (default: %(default)s)")
     parser.add_argument("--connect", action="append", default=[], metavar="ADDRESS:PORT",
@@ -86,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="stay resident until SIGTERM instead of exiting when no "
                                "request is left: prepare the TLS credentials and the GnuPG "
                                "home (keys imported, gpg-agent running) before any request, "
-                               "then tell systemd READY=1 (Type=notify); as the initramfs "
-                               "runs it.  No server is contacted before a request is pending")
+                               "then tell systemd READY=1 (Type=notify); started with a "
+                               "request pending (as the initramfs's path unit starts it), "
+                               "say READY=1 and answer it first.  No server is contacted "
+                               "before a request is pending")
     parser.add_argument("--all-requests", action="store_true",
                         help="answer every request, not only disk unlocks (Id=cryptsetup:…)")
     parser.add_argument("--run-directory", type=Path, default=DEFAULT_RUN_DIRECTORY,

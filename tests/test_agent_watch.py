@@ -174,6 +174,31 @@ def test_watch_is_warm_when_ready_answers_requests_in_turn_and_cleans_up_on_sigt
     assert "terminated" in agent.log()
 
 
+def test_watch_started_by_a_request_answers_it_first_then_stays(
+        server: OurServer, agents: AgentHarness, notify: NotifySocket,
+        ask_namespace: AskNamespace, upstream_client: UpstreamClient) -> None:
+    """As the initramfs's .path unit starts it: a request is already pending, so the agent
+    answers it without warming up first (the GnuPG home is prepared during the fetch), says
+    READY=1, and stays resident for the next request."""
+    password = upstream_client.password
+    with AskPassword.start(ask_namespace, id="cryptsetup:/dev/first") as ask:
+        ask.wait_ask_file()
+        agent = agents.start("--watch", connect=[server.connect],
+                             wrap=notify.wrap(ask_namespace.wrap))
+        assert ask.wait() == (0, password + b"\n"), ask.stderr
+    notify.wait_for("READY=1", agent)
+    log = agent.log()
+    assert "a request is pending; answering it" in log, log
+    assert "warm (GnuPG home ready)" not in log.split("answered ask.")[0], log
+    agent.wait_idle()
+    with AskPassword.start(ask_namespace, id="cryptsetup:/dev/second") as ask:
+        assert ask.wait() == (0, password + b"\n"), ask.stderr
+    assert agent.process.poll() is None, agent.log()
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.wait(10) == 0, agent.log()
+    assert _homes(agents) == []
+
+
 def test_watch_contacts_no_server_before_a_request(agents: AgentHarness, notify: NotifySocket,
                                                    tmp_path: Path) -> None:
     """Warm and idle, it connects nowhere; the first request makes it connect at once."""
