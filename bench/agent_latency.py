@@ -7,15 +7,16 @@ directory and binds its reply socket (what ``systemd-ask-password`` does); the c
 just before the file is written until the reply datagram (``+password``) arrives, and the
 reply is checked.  Three agents, each a row of the table:
 
-- **ours, --watch (as in the initramfs)**: ``/usr/bin/python3 -S -m password_agent --watch``
-  with ``PYTHONPATH`` set to this tree and the venv's site-packages, as the dracut unit runs
-  it from ``/usr/lib/mandos-password-agent``.  It is started before the request, with
+- **ours, --watch, warm**: ``/usr/bin/python3 -S -m password_agent --watch`` with
+  ``PYTHONPATH`` set to this tree and the venv's site-packages, as the dracut unit runs it from
+  ``/usr/lib/mandos-password-agent``.  It is started before the request, with
   ``NOTIFY_SOCKET`` naming a datagram socket bound here, and the request is written only once
-  ``READY=1`` arrived: at boot the unit starts at sysinit, long before systemd-cryptsetup asks.
-  After the reply it gets SIGTERM and must exit 0 (a fresh agent per run: each remembers the
-  Ids it answered).
+  ``READY=1`` arrived: what every request after the first costs in the initramfs (the first
+  one started the agent).  After the reply it gets SIGTERM and must exit 0 (a fresh agent per
+  run: each remembers the Ids it answered).
 - **ours, on demand**: the same command without ``--watch``, started when the request is
-  written, as a ``.path`` unit starts it (the booted-system units do so).
+  written, as a ``.path`` unit starts it: the booted-system units do so, and the initramfs's
+  first request costs about as much (its agent, started by that request, answers it first).
 - **upstream**: Debian's ``password-agent`` running ``mandos-client``, started when the
   request is written, as its dracut module's ``.path`` unit does.
 
@@ -157,8 +158,8 @@ class Agent:
 
 
 AGENTS = (
-    Agent("ours, --watch (as in the initramfs)", our_resident_argv, our_environment,
-          resident=True),
+    Agent("ours, --watch, warm (later requests in the initramfs)", our_resident_argv,
+          our_environment, resident=True),
     Agent("ours, on demand", our_agent_argv, our_environment),
     Agent("upstream (password-agent + mandos-client), on demand", upstream_agent_argv),
 )

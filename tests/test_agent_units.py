@@ -343,10 +343,12 @@ def _unit_values(text: str, key: str) -> list[str]:
 
 
 @pytest.mark.peers
-def test_initramfs_units_verify_and_run_the_agent_resident() -> None:
+def test_initramfs_units_verify_and_start_the_agent_with_the_first_request() -> None:
     """The dracut module's units: ``systemd-analyze verify`` accepts them without a warning;
-    the service is resident (``--watch``, ``Type=notify``), enabled for sysinit without
-    anything waiting for it, stopped before switch-root, and off with ``mandos=off``."""
+    the .path unit is enabled for sysinit and starts the service when a request appears (the
+    service has no [Install]: the boot never starts it); the service is resident from then on
+    (``--watch``, ``Type=notify``) without anything waiting for it, stopped before switch-root,
+    and both are off with ``mandos=off``."""
     module = REPO / "dracut-module" / "90mandos-agent"
     result = subprocess.run(
         ["systemd-analyze", "verify", str(module / "mandos-password-agent.path"),
@@ -359,7 +361,8 @@ def test_initramfs_units_verify_and_run_the_agent_resident() -> None:
     assert _unit_values(service, "Type") == ["notify"]
     assert _unit_values(service, "ExecStart")[:6] == ["/usr/bin/python3", "-S", "-m",
                                                       "password_agent", "--watch", "--keydir"]
-    assert _unit_values(service, "WantedBy") == ["sysinit.target"]
+    assert "[Install]" not in service
+    assert _unit_values(path, "WantedBy") == ["sysinit.target"]
     assert _unit_values(service, "DefaultDependencies") == ["no"]
     assert _unit_values(service, "After") == []  # it waits for nothing, not even the network
     for key in ("Conflicts", "Before"):

@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 # dracut module "mandos-agent": our Python password agent (python -m password_agent) in a
 # systemd initramfs, answering disk-unlock requests with the password a Mandos server hands out.
-# The agent's service is started at boot and stays resident, warmed up (--watch, Type=notify);
-# its .path unit starts it again if a request appears while it is not running.
+# The agent's .path unit starts its service when the first request appears; the agent then stays
+# resident (--watch, Type=notify) until switch-root.
 #
 # Sourced by dracut, not run.  Settings (dracut.conf.d variables, all optional):
 #   mandos_agent_keydir="DIR"        the four key files (default: /etc/keys/mandos, then
@@ -167,8 +167,7 @@ install() {
         printf '[Unit]\nWants=systemd-networkd.service\n' \
             > "$initdir$unitdir/mandos-password-agent.service.d/50-networkd.conf"
     fi
-    $SYSTEMCTL -q --root "$initdir" enable mandos-password-agent.service \
-        mandos-password-agent.path || return 1
+    $SYSTEMCTL -q --root "$initdir" enable mandos-password-agent.path || return 1
 
     if [[ $hostonly_cmdline == yes ]] && _mandos_agent_has_luks_volume; then
         mkdir -p "$initdir/etc/cmdline.d"
