@@ -64,7 +64,7 @@ from peers.upstream import (
     make_upstream_keys,
     upstream_section,
 )
-from tests.vm.images import python_search_path
+from peers.vm.images import python_search_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The interpreter the initramfs runs (never the venv's, whose site processing costs ~15 ms).

@@ -2,7 +2,7 @@
 """The boot benchmark: our agent's initramfs beside Debian's own Mandos dracut module, on the
 same base image, in one run (issue 11's table).
 
-The initramfs images are built in throwaway copies of this host's root (tests/vm/images.py),
+The initramfs images are built in throwaway copies of this host's root (peers/vm/images.py),
 for the same kernel, the same dracut modules and the same slim network drivers: upstream's
 (Debian's ``mandos-client`` and its ``90mandos`` module, which builds only host-only images),
 ours (the ``mandos-password-agent`` package built from this tree) host-only as well, so that
@@ -10,7 +10,7 @@ both boot the same base, and the base without any Mandos module.  The growth of 
 base is what it adds; ours is also shown as the tests boot it, generic, over the generic base.
 
 Then the same LUKS disk boots with each, interleaved, ``--runs`` times, on the bridged LAN of
-tests/vm/lan.py, IPv6 link-local only, finding our server by Zeroconf as most sites do.  Read
+peers/vm/lan.py, IPv6 link-local only, finding our server by Zeroconf as most sites do.  Read
 off the serial console, in seconds after qemu started: the disk's passphrase prompt (the
 request), the end of systemd-cryptsetup (unlocked) and the root's init (root).  With
 ``--journal`` the journal is forwarded to the console, so that its lines carry the kernel's
@@ -36,10 +36,10 @@ from pathlib import Path
 
 from peers import upstream
 from peers.packages import build
+from peers.vm import images, qemu
+from peers.vm.boots import DONE, root_command_line, section_for
+from peers.vm.lan import VmLan
 from peers.zeroconf import OurServerInNamespace
-from tests.vm import images, qemu
-from tests.vm.boots import DONE, root_command_line, section_for
-from tests.vm.lan import VmLan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVENTS = {"request": r"Please enter passphrase for disk",

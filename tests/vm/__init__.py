@@ -1,2 +1,2 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The VM boot test: images (kernel, LUKS disk, initramfs with our module) and the qemu runner."""
+"""The VM tests: boots under qemu, built with the lab in :mod:`peers.vm`."""

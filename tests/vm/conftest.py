@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from peers.packages import Build
-from tests.vm import images
+from peers.vm import images
 
 #: Host programs the images and the boots need (./dev setup installs them).
 PROGRAMS = ("qemu-system-x86_64", "dracut", "lsinitrd", "socat", "cryptsetup", "mkfs.ext4",

@@ -9,7 +9,7 @@ reports what the agent left in /run and prints ROOT-UNLOCKED-OK.
 
 qemu's stdin is /dev/null, so the console prompt that systemd shows in parallel cannot be what
 answered; only the ``mandos=off`` boot has a typist at the console, who types the passphrase
-there.  The images are cached (tests/vm/images.py); each boot takes about 20 s under TCG.
+there.  The images are cached (peers/vm/images.py); each boot takes about 20 s under TCG.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from peers.ours import OurServer, clients_conf
-from tests.vm import images, qemu
-from tests.vm.boots import (
+from peers.vm import images, qemu
+from peers.vm.boots import (
     BOOT_TIMEOUT,
     CLIENT,
     DONE,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from peers.ours import OurServer, clients_conf
-from tests.vm import images, qemu
-from tests.vm.boots import BOOT_TIMEOUT, CLIENT, DONE, console_context, root_command_line
+from peers.vm import images, qemu
+from peers.vm.boots import BOOT_TIMEOUT, CLIENT, DONE, console_context, root_command_line
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Boots on a real LAN (tests/vm/lan.py: a tap device bridged to a veth link, in network
+"""Boots on a real LAN (peers/vm/lan.py: a tap device bridged to a veth link, in network
 namespaces of the test's own): the initramfs finds its server by Zeroconf with nothing
 configured, over IPv6 link-local, as most Mandos sites run it.
 
@@ -23,10 +23,8 @@ import pytest
 from peers import upstream
 from peers.dbus import PrivateSystemBus
 from peers.upstream import UpstreamServer
-from peers.zeroconf import PORT as ZEROCONF_PORT
-from peers.zeroconf import AvahiDaemon, BackgroundProgram, OurServerInNamespace
-from tests.vm import images, qemu
-from tests.vm.boots import (
+from peers.vm import images, qemu
+from peers.vm.boots import (
     BOOT_TIMEOUT,
     CLIENT,
     DONE,
@@ -34,7 +32,9 @@ from tests.vm.boots import (
     root_command_line,
     section_for,
 )
-from tests.vm.lan import VmLan
+from peers.vm.lan import VmLan
+from peers.zeroconf import PORT as ZEROCONF_PORT
+from peers.zeroconf import AvahiDaemon, BackgroundProgram, OurServerInNamespace
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from peers.packages import Build
-from tests.vm import images
+from peers.vm import images
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ see CAP_NET_RAW in units/mandos.service; and that PrivateTmp= made the agent wai
 local-fs.target, so for the very volumes it is to unlock: see
 units/mandos-password-agent.service.)
 
-The VM (tests/vm/hostroot.py) boots a throwaway copy of the host's own root file system
+The VM (peers/vm/hostroot.py) boots a throwaway copy of the host's own root file system
 (peers/packages.py's Root), read-only through 9p under a tmpfs overlay, so that the
 host's systemd, dbus-daemon, journald, Python, GnuTLS, gpg, fping and Debian's mandos-client
 run in it unchanged.  Into that copy the test puts a configuration with one client (the cached
@@ -60,8 +60,9 @@ import pytest
 from peers import upstream
 from peers.ours import clients_conf
 from peers.packages import PACKAGES, Build, Root
+from peers.vm import hostroot, images
 from server.journal import Event
-from tests.vm import hostroot, images, server_units_checks
+from tests.vm import server_units_checks
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Booting the test VMs: qemu with the serial console in a log file and a hard deadline
 (:func:`run`); :func:`boot` adds a disk and user networking that reaches nothing but one
-forwarded port on host loopback (tests/vm/hostroot.py adds the host's root file system instead).
+forwarded port on host loopback (peers/vm/hostroot.py adds the host's root file system instead).
 
 KVM is used only where it really works: on the build machines /dev/kvm is kvm_pvm, which hangs
 a stock kernel, so TCG is the normal mode (``-cpu max -smp 2 -m 1024``: about 14 s to an

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peers.packages import Root
-from tests.vm import images, qemu
+from peers.vm import images, qemu
 
 INIT = images.HERE / "hostroot-init"
 #: What the initramfs loads (with their dependencies): the PCI transport of the 9p device,

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.vm import images, qemu
+from peers.vm import images, qemu
 
 BOOT_TIMEOUT = 90.0
-#: What the root file system's /sbin/init prints (tests/vm/rootfs-init).
+#: What the root file system's /sbin/init prints (peers/vm/rootfs-init).
 DONE = "ROOT-UNLOCKED-OK"
 CLIENT = "vmtest"
 
