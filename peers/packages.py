@@ -24,7 +24,8 @@ from types import TracebackType
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "packaging" / "build.py"
-PACKAGES = ("mandos-server", "mandos-password-agent")
+#: What ./dev package builds: the server, the agent, and the etcd client of a fleet of servers.
+PACKAGES = ("mandos-server", "mandos-password-agent", "mandos-server-etcd")
 #: What a step in the root runs with: no proxy, locale or Python settings of the test's own.
 ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8",
                "DEBIAN_FRONTEND": "noninteractive"}
@@ -55,7 +56,7 @@ def build(output: Path, *extra: str) -> tuple[tuple[Path, ...], str]:
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     debs = tuple(sorted(output.glob("*.deb")))
-    assert [deb.name.split("_")[0] for deb in debs] == sorted(PACKAGES)
+    assert sorted(deb.name.split("_")[0] for deb in debs) == sorted(PACKAGES)
     return debs, result.stdout
 
 

@@ -78,9 +78,9 @@ class FleetSettings:
         if (files["cert"] is None) != (files["key"] is None):
             raise ConfigError("etcd: give both etcd_cert and etcd_key, or neither")
         if importlib.util.find_spec("etcd3aio") is None:
-            raise ConfigError("etcd: the Python package etcd3aio (and with it grpcio and "
-                              "protobuf) is not installed: pip install etcd3aio (see the "
-                              "README's Fleet section)")
+            raise ConfigError("etcd: the etcd client (the Python package etcd3aio, with grpcio "
+                              "and protobuf) is not installed: apt install mandos-server-etcd, "
+                              "or pip install etcd3aio")
         prefix = settings.etcd_prefix
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ConfigError(f"etcd_prefix: {prefix!r} must start and end with /")

@@ -7,10 +7,11 @@ The throwaway root is :class:`peers.packages.Root`.
 Debian's ``mandos`` and ``mandos-client`` are installed on the host as interop peers; our
 packages conflict with them, so the test first removes them as a migrating admin would
 (keeping their configuration), then checks after each step the files, the ``_mandos`` user and
-what is left behind: install both packages (the admin's clients.conf is kept), make keys with
+what is left behind: install the packages (the admin's clients.conf is kept), make keys with
 the installed ``mandos-keygen`` and build an initramfs with plain ``dracut``, upgrade to a
 rebuilt higher version (configuration and state kept), remove (configuration and state kept),
-purge (both gone, nothing of ours left but the user).
+purge (both gone, nothing of ours left but the user).  Then a fleet server: ``--etcd`` with
+``mandos-server`` alone, and with ``mandos-server-etcd`` against a real etcd.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from peers.etcd import EtcdCluster
 from peers.packages import PACKAGES, REPO, Build, Root, build
 from peers.upstream import free_port
 
@@ -59,10 +61,12 @@ def root(tmp_path: Path) -> Iterator[Root]:
         yield throwaway
 
 
-def install(root: Root, build: Build) -> str:
-    for deb in build.debs:
+def install(root: Root, build: Build, *packages: str) -> str:
+    """apt-get install the build's packages (those named, else all) from their .deb files."""
+    chosen = [build.deb(package) for package in packages] if packages else build.debs
+    for deb in chosen:
         root.copy_in(deb, f"/var/tmp/{deb.name}")
-    debs = " ".join(shlex.quote(f"/var/tmp/{deb.name}") for deb in build.debs)
+    debs = " ".join(shlex.quote(f"/var/tmp/{deb.name}") for deb in chosen)
     return root.run(f"{APT_INSTALL} {debs}\nrm {debs}").stdout
 
 
@@ -87,28 +91,33 @@ AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
                "/usr/share/man/man8/mandos-password-agent.8.gz",
                "/usr/share/man/man8/mandos-keygen.8.gz",
                "/usr/share/man/man8/mandos-luks.8.gz")
+ETCD_FILES = ("/usr/lib/mandos-server-etcd/etcd3aio/__init__.py",
+              "/usr/lib/mandos-server-etcd/grpc/__init__.py",
+              "/usr/lib/mandos-server-etcd/google/protobuf/__init__.py")
 
 
-#: Modules that need the etcd client, which the package leaves to the admin who runs a
-#: fleet (README, "Packaging decisions"); the server imports them only with --etcd.
-FLEET_ONLY = ("server.fleet", "server.fleet_etcd")
-#: Run by the installed /usr/bin/python3 as the commands run it (-I, the private directory
-#: first): import every module of the packages named (but FLEET_ONLY), then print where each
-#: top-level module came from.
-IMPORT_ALL = f"""
+#: Run by the installed /usr/bin/python3 as the commands run it (-I, the private directories
+#: first, as the wrappers put them): import every module of the packages named, then print
+#: where each module came from.
+IMPORT_ALL = """
 import importlib, pkgutil, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[0:0] = sys.argv[1].split(":")
 for name in sys.argv[2:]:
     package = importlib.import_module(name)
     for module in pkgutil.walk_packages(package.__path__, name + "."):
-        if not module.name.endswith(".__main__") and module.name not in {FLEET_ONLY!r}:
+        if not module.name.endswith(".__main__"):
             importlib.import_module(module.name)
 for name, module in sorted(sys.modules.items()):
-    if "." not in name and getattr(module, "__file__", None):
+    if getattr(module, "__file__", None):
         print(name, module.__file__)
 """
-#: What each package's modules must get from its private directory, and from Debian.
+#: Each command package's search path (packaging/bin): mandos-server reads
+#: mandos-server-etcd's directory second, for the fleet's modules (server.fleet).
+SEARCH_PATH = {"mandos-server": ("mandos-server", "mandos-server-etcd"),
+               "mandos-password-agent": ("mandos-password-agent",)}
+#: What each package's private directory must provide, and what Debian must.
 PRIVATE = {"mandos-server": {"zeroconf", "ifaddr", "dbus_fast", "sdnotify", "inotify_simple"},
+           "mandos-server-etcd": {"etcd3aio", "grpc", "google.protobuf", "typing_extensions"},
            "mandos-password-agent": {"zeroconf", "ifaddr", "gnupg", "inotify_simple",
                                      "sdnotify"}}
 FROM_DEBIAN = {"mandos-server": {"pystemd"}, "mandos-password-agent": {"cryptography"}}
@@ -118,13 +127,17 @@ OURS = {"mandos-server": ("server", "mandos_protocol"),
 
 def check_imports(root: Root, package: str) -> None:
     """Every module of ours imports under the installed interpreter, with its dependencies
-    from the package's private directory (not from Debian's older python3-zeroconf or
-    python3-gnupg) or from Debian where Debian's serve."""
-    private = f"/usr/lib/{package}"
+    from the private directories (not from Debian's older python3-zeroconf, python3-gnupg,
+    python3-grpcio or python3-protobuf) or from Debian where Debian's serve."""
+    private = {name: f"/usr/lib/{name}" for name in SEARCH_PATH[package]}
     loaded = dict(line.split(" ", 1) for line in root.lines(
-        f"/usr/bin/python3 -I -c {shlex.quote(IMPORT_ALL)} {private} {' '.join(OURS[package])}"))
-    for name in PRIVATE[package] | set(OURS[package]):
-        assert loaded[name].startswith(private + "/"), (name, loaded[name])
+        f"/usr/bin/python3 -I -c {shlex.quote(IMPORT_ALL)} {':'.join(private.values())} "
+        f"{' '.join(OURS[package])}"))
+    for name in OURS[package]:
+        assert loaded[name].startswith(private[package] + "/"), (name, loaded[name])
+    for directory_package, directory in private.items():
+        for name in PRIVATE[directory_package]:
+            assert loaded[name].startswith(directory + "/"), (name, loaded[name])
     for name in FROM_DEBIAN[package]:
         assert loaded[name].startswith("/usr/lib/python3/dist-packages/"), (name, loaded[name])
 
@@ -181,6 +194,29 @@ rm -rf /root/disk.img /root/luks-keys /etc/mandos/clients.d/packaged-luks.conf
 """
 
 
+#: The installed server in a fleet, in the root: it joins the etcd cluster at $2 (TLS with a
+#: client certificate, the files in /etc/mandos/etcd), then etcdctl lists the servers there
+#: and the server's log follows.  $1 is the port.
+FLEET = r"""
+mandos-server --foreground --no-dbus --no-zeroconf --address ::1 --port "$1" --etcd "$2" \
+    --etcd-cacert=/etc/mandos/etcd/ca.pem --etcd-cert=/etc/mandos/etcd/cert.pem \
+    --etcd-key=/etc/mandos/etcd/key.pem </dev/null >/tmp/server.log 2>&1 &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true' EXIT
+tries=0
+until grep -q "in sync with etcd" /tmp/server.log || ! kill -0 "$server" 2>/dev/null \
+        || [ "$tries" -ge 300 ]; do
+    tries=$((tries + 1)); sleep 0.1
+done
+ETCDCTL_API=3 etcdctl --endpoints="$2" --cacert=/etc/mandos/etcd/ca.pem \
+    --cert=/etc/mandos/etcd/cert.pem --key=/etc/mandos/etcd/key.pem \
+    get --prefix --keys-only /mandos/servers/
+kill -TERM "$server" 2>/dev/null || true
+wait "$server" || true
+cat /tmp/server.log
+"""
+
+
 def luks_bind_and_test(root: Root) -> str:
     """What ``mandos-luks test`` printed (see LUKS)."""
     return root.run(f"set -- {free_port('::1')}\n{LUKS}").stdout
@@ -208,13 +244,14 @@ def check_installed(root: Root, build: Build) -> None:
     for package in PACKAGES:
         assert root.status(package) == "installed"
         assert root.lines(f"dpkg-query -W -f='${{Version}}' {package}") == [build.version]
-    missing = [path for path in SERVER_FILES + AGENT_FILES if not root.exists(path)]
+    missing = [path for path in SERVER_FILES + AGENT_FILES + ETCD_FILES if not root.exists(path)]
     assert not missing
     for unit in ("mandos.service", "mandos.socket"):
         assert root.read(f"/lib/systemd/system/{unit}") == (REPO / "units" / unit).read_text()
     # Byte-compiled by the postinst (py3compile), in the private directories only.
     assert root.exists("/usr/lib/mandos-server/server/__pycache__")
     assert root.exists("/usr/lib/mandos-password-agent/password_agent/__pycache__")
+    assert root.exists("/usr/lib/mandos-server-etcd/etcd3aio/__pycache__")
     assert not root.lines("ls /usr/lib/python3/dist-packages | grep -E "
                           "'^(server|password_agent|mandos_protocol)$' || true")
     # The user from our sysusers file, the state directory from our tmpfiles file.
@@ -238,13 +275,8 @@ def check_installed(root: Root, build: Build) -> None:
     for command in ("mandos-server", "mandos-ctl", "mandos-password-agent", "mandos-keygen",
                     "mandos-luks"):
         assert "usage:" in root.run(f"{command} --help").stdout
-    for package in PACKAGES:
+    for package in SEARCH_PATH:
         check_imports(root, package)
-    # Without the etcd client, --etcd stops the start with one line that says what to install.
-    fleet = root.run("mandos-server --foreground --no-dbus --no-zeroconf --etcd "
-                     "http://127.0.0.1:2379 --address ::1 --port 1", check=False)
-    assert fleet.returncode == 1 and "etcd3aio" in fleet.stderr, fleet
-    assert len(fleet.stderr.strip().splitlines()) == 1 and "Traceback" not in fleet.stderr
 
 
 def test_lintian(builds: tuple[Build, Build]) -> None:
@@ -305,11 +337,13 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
 
     # Remove: the programs go, the configuration and the state stay.
     root.run("apt-get remove -y -q " + " ".join(PACKAGES))
-    for package in PACKAGES:
-        assert root.status(package) == "config-files"
-    left = [path for path in SERVER_FILES + AGENT_FILES if root.exists(path)]
+    for package in PACKAGES:  # the etcd client has no configuration to keep
+        assert root.status(package) == ("not-installed" if package == "mandos-server-etcd"
+                                        else "config-files")
+    left = [path for path in SERVER_FILES + AGENT_FILES + ETCD_FILES if root.exists(path)]
     assert not left
     assert not root.exists("/usr/lib/mandos-server")
+    assert not root.exists("/usr/lib/mandos-server-etcd")
     assert not root.exists("/usr/lib/mandos-password-agent")
     assert ADMIN_SECTION in root.read("/etc/mandos/clients.conf")
     assert root.stat("/etc/mandos/clients.conf") == ("root", "_mandos", 0o640)
@@ -337,3 +371,25 @@ def test_install_upgrade_remove_purge(builds: tuple[Build, Build], root: Root) -
                "/etc/init.d/mandos")
     assert [path for path in root.changed()
             if not path.startswith((*debians, "/etc/keys/mandos.debian/"))] == []
+
+
+def test_fleet_needs_the_etcd_package_and_works_with_it(packages: Build, root: Root) -> None:
+    """mandos-server alone: --etcd stops the start with one line that names the package to
+    install.  With mandos-server-etcd: the installed server joins a real etcd (TLS, a client
+    certificate) and registers there."""
+    root.run("apt-get remove -y -q mandos")
+    install(root, packages, "mandos-server")
+    alone = root.run("mandos-server --foreground --no-dbus --no-zeroconf --etcd "
+                     "http://127.0.0.1:2379 --address ::1 --port 1", check=False)
+    assert alone.returncode == 1 and "apt install mandos-server-etcd" in alone.stderr, alone
+    assert len(alone.stderr.strip().splitlines()) == 1 and "Traceback" not in alone.stderr
+
+    install(root, packages, "mandos-server-etcd")
+    with EtcdCluster(size=1) as cluster:
+        for path, name in ((cluster.tls.cacert, "ca.pem"), (cluster.tls.cert, "cert.pem"),
+                           (cluster.tls.key, "key.pem")):
+            root.copy_in(path, f"/etc/mandos/etcd/{name}")
+        output = root.run(f"set -- {free_port('::1')} {shlex.quote(cluster.endpoints)}\n"
+                          f"{FLEET}").stdout
+    assert [line for line in output.splitlines() if line.startswith("/mandos/servers/")], output
+    assert "in sync with etcd" in output and "Traceback" not in output, output

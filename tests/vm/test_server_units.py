@@ -59,7 +59,7 @@ import pytest
 
 from peers import upstream
 from peers.ours import clients_conf
-from peers.packages import PACKAGES, Build, Root
+from peers.packages import Build, Root
 from peers.vm import hostroot, images
 from server.journal import Event
 from tests.vm import server_units_checks
@@ -105,6 +105,8 @@ TimeoutStartSec={TIMEOUT:.0f}
 #: Where the payload puts our packages, and where the host's upstream mandos-client and
 #: mandos-ctl are kept aside (ours replace Debian's packages, which take those along).
 DEBS = "/var/tmp/mandos-debs"
+#: The packages the VM installs: not the fleet's etcd client, which these units do not use.
+INSTALLED = ("mandos-server", "mandos-password-agent")
 UPSTREAM = "/usr/local/lib/mandos-upstream"
 
 #: Run in the throwaway root, the payload in it, before the VM boots it; see the module
@@ -163,7 +165,7 @@ def make_payload(directory: Path, keydir: Path, packages: Build) -> hostroot.Pay
     payload.write("/etc/mandos/clients.conf", clients_conf(section, defaults="interval = 2s\n"),
                   0o600)
     payload.write("/etc/mandos/mandos.conf", "[DEFAULT]\n")
-    for package in PACKAGES:
+    for package in INSTALLED:
         deb = packages.deb(package)
         payload.copy(deb, f"{DEBS}/{deb.name}")
     # The agent asks our server, socket-activated in the same VM, as the unit's comment says.
