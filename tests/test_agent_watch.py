@@ -156,6 +156,7 @@ def test_watch_is_warm_when_ready_answers_requests_in_turn_and_cleans_up_on_sigt
     agent.wait_idle()
     with AskPassword.start(ask_namespace, id="cryptsetup:/dev/second") as ask:
         assert ask.wait() == (0, password + b"\n"), ask.stderr
+    agent.wait_log("answered ask.", count=2)  # logged after the answer is sent
     assert agent.log().count("answered ask.") == 2
     assert len(server.journal.wait_for("secret-sent", count=2)) == 2  # logged after the send
     assert _homes(agents) == homes  # the same warm home served both
