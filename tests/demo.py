@@ -81,6 +81,8 @@ def main() -> int:
             for line in agent.stderr.strip().splitlines():
                 print(f"    agent: {line}")
             assert server.journal is not None
+            if agent.returncode == 0:  # the entry comes after the send: wait for it to arrive
+                server.journal.wait_for("secret-sent")
             for entry in server.journal.entries:
                 print(f"    journal: MANDOS_EVENT={entry.get('MANDOS_EVENT')} "
                       f"{entry.get('MESSAGE')}")
