@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pwd
 import re
 import shutil
@@ -52,6 +53,7 @@ CHECKS = (
     "reload",               # systemctl reload (ExecReload=, SIGHUP) re-reads clients.conf
     "watchdog",             # WATCHDOG=1 reaches systemd (WatchdogSec=)
     "stop-clean",           # systemctl stop: Result=success
+    "fleet",                # with etcd = and mandos-server-etcd, it joins an etcd in the VM
     "state-file",           # /var/lib/mandos/clients.json: 0600, owned by _mandos
     "no-sandbox-denials",   # nothing the service logged looks like a sandbox denial
 )
@@ -73,6 +75,9 @@ AGENT_MAX_EXPOSURE = 2.5
 RECORD_HEADER = "# mandos-password-agent answered v2:"
 #: The one capability the service keeps, for fping (units/mandos.service says why).
 CAP_NET_RAW = 1 << 13
+#: The etcd that check_fleet starts in the VM (Debian's etcd-server, from the host's root).
+ETCD_URL = "http://127.0.0.1:2379"
+ETCD_PEER_URL = "http://127.0.0.1:2380"
 #: What a sandbox denial looks like in a log line (EPERM from the seccomp filter or a missing
 #: capability, EACCES, a read-only file system, SIGSYS).
 DENIAL = re.compile(r"Operation not permitted|Permission denied|Bad system call|SIGSYS|"
@@ -485,6 +490,53 @@ class Checks:
             "ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0",
             "NRestarts": "0"}, f"systemctl stop exited {result.returncode}: {state}")
         return ", ".join(f"{key}={value}" for key, value in state.items())
+
+    def etcdctl(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        return run(["etcdctl", f"--endpoints={ETCD_URL}", *arguments],
+                   env={**os.environ, "ETCDCTL_API": "3"})
+
+    def check_fleet(self) -> str:
+        """The fleet's etcd client (grpcio, compiled) under the unit's sandbox: with
+        mandos-server-etcd installed and ``etcd =`` in mandos.conf, the server joins an etcd
+        started in the VM and registers there.  Its unit is stopped again afterwards."""
+        data = Path(tempfile.mkdtemp(prefix="etcd-", dir="/var/tmp"))
+        conf = Path("/etc/mandos/mandos.conf")
+        original = conf.read_text()
+        try:
+            started = run(["systemd-run", "--unit=vmtest-etcd", "/usr/bin/etcd", "--name=vm",
+                           f"--data-dir={data}", f"--listen-client-urls={ETCD_URL}",
+                           f"--advertise-client-urls={ETCD_URL}",
+                           f"--listen-peer-urls={ETCD_PEER_URL}",
+                           f"--initial-advertise-peer-urls={ETCD_PEER_URL}",
+                           f"--initial-cluster=vm={ETCD_PEER_URL}"])
+            require(started.returncode == 0, f"systemd-run etcd: {started.stderr.strip()}")
+            healthy = poll(lambda: self.etcdctl("endpoint", "health").returncode == 0, 60)
+            require(healthy, "etcd not healthy: " + " | ".join(
+                str(entry.get("MESSAGE")) for entry in journal("--unit=vmtest-etcd")[-5:]))
+            conf.write_text(f"{original}etcd = {ETCD_URL}\n")
+            since = time.time_ns() // 1000
+
+            def in_sync() -> list[str]:
+                return [str(entry.get("MESSAGE")) for entry in
+                        journal("MANDOS_EVENT=fleet", f"_SYSTEMD_UNIT={UNIT}")
+                        if int(entry["__REALTIME_TIMESTAMP"]) >= since
+                        and "in sync with etcd" in str(entry.get("MESSAGE"))]
+
+            result = run(["systemctl", "start", UNIT], timeout=90)
+            synced = poll(in_sync, 60)
+            servers = self.etcdctl("get", "--prefix", "--keys-only", "/mandos/servers/")
+            keys = servers.stdout.split()
+            state = show(UNIT, "ActiveState", "SubState", "StatusText")
+            require(result.returncode == 0 and len(synced) == 1 and len(keys) == 1,
+                    f"systemctl start exited {result.returncode} ({result.stderr.strip()}); "
+                    f"{state}; in sync: {synced}; servers in etcd: {keys} "
+                    f"{servers.stderr.strip()}")
+            return f"{synced[0]!r}; in etcd: {keys[0]}; StatusText={state.get('StatusText')}"
+        finally:
+            run(["systemctl", "stop", UNIT])
+            conf.write_text(original)
+            run(["systemctl", "stop", "vmtest-etcd"])
+            shutil.rmtree(data, ignore_errors=True)
 
     def check_state_file(self) -> str:
         user = self.user()

@@ -21,7 +21,7 @@ and ``mandos-vmtest.target``, the only target the VM starts (``systemd.unit=`` o
 command line).  Then, as an admin would: it keeps Debian's mandos-client and mandos-ctl aside
 as peers, removes what would hide a fault of ours (the host's ``_mandos`` user, which our
 sysusers file must make, Debian's own D-Bus policy and sysusers file for Mandos, and
-/var/lib/mandos), installs both our packages with ``dpkg -i`` (they replace Debian's
+/var/lib/mandos), installs our packages with ``dpkg -i`` (they replace Debian's
 ``mandos`` and ``mandos-client``; the configuration is kept) and enables ``mandos.socket`` and
 the agent's ``.path`` unit.  dpkg runs there on the host side: under TCG and 9p, reading its
 database alone took minutes.
@@ -41,9 +41,11 @@ no key: the key is in root's kernel keyring) and no gpg-agent; the server logged
 sent; a second request with the same Id is left to the human (the agent says so, and the
 requester, stopped then, got no password), while the agent that waits for it runs as root
 without a capability, under no_new_privs and a seccomp filter.  Then the server again: reload
-and the watchdog work; it stops cleanly and leaves its state file; nothing it logged looks
-like a sandbox denial.  The VM has no network device and powers off when the checks are
-done: about 35-45 s under TCG on a 2-core host.
+and the watchdog work; it stops cleanly; started again with ``etcd =`` in mandos.conf, it
+loads the etcd client of mandos-server-etcd (grpcio, compiled) inside the sandbox and joins
+an etcd started in the VM; it leaves its state file; nothing it logged looks like a sandbox
+denial.  The VM has no network device and powers off when the checks are
+done: about 45-50 s under TCG on a 2-core host.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import pytest
 
 from peers import upstream
 from peers.ours import clients_conf
-from peers.packages import Build, Root
+from peers.packages import PACKAGES, Build, Root
 from peers.vm import hostroot, images
 from server.journal import Event
 from tests.vm import server_units_checks
@@ -105,8 +107,6 @@ TimeoutStartSec={TIMEOUT:.0f}
 #: Where the payload puts our packages, and where the host's upstream mandos-client and
 #: mandos-ctl are kept aside (ours replace Debian's packages, which take those along).
 DEBS = "/var/tmp/mandos-debs"
-#: The packages the VM installs: not the fleet's etcd client, which these units do not use.
-INSTALLED = ("mandos-server", "mandos-password-agent")
 UPSTREAM = "/usr/local/lib/mandos-upstream"
 
 #: Run in the throwaway root, the payload in it, before the VM boots it; see the module
@@ -165,7 +165,7 @@ def make_payload(directory: Path, keydir: Path, packages: Build) -> hostroot.Pay
     payload.write("/etc/mandos/clients.conf", clients_conf(section, defaults="interval = 2s\n"),
                   0o600)
     payload.write("/etc/mandos/mandos.conf", "[DEFAULT]\n")
-    for package in INSTALLED:
+    for package in PACKAGES:
         deb = packages.deb(package)
         payload.copy(deb, f"{DEBS}/{deb.name}")
     # The agent asks our server, socket-activated in the same VM, as the unit's comment says.
