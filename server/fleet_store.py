@@ -71,8 +71,8 @@ class FleetSettings:
             raise ConfigError("etcd: no URL given")
         files = {name: getattr(settings, f"etcd_{name}") for name in ("cacert", "cert", "key")}
         for name, path in files.items():
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"etcd_{name}: {path} is not a readable file")
+            if path is not None:
+                _check_readable(f"etcd_{name}", Path(path))
         if "https" in schemes and files["cacert"] is None:
             raise ConfigError("etcd: https:// needs etcd_cacert (the CA of the etcd cluster)")
         if (files["cert"] is None) != (files["key"] is None):
@@ -85,6 +85,19 @@ class FleetSettings:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ConfigError(f"etcd_prefix: {prefix!r} must start and end with /")
         return cls(tuple(endpoints), prefix, files["cacert"], files["cert"], files["key"])
+
+
+def _check_readable(option: str, path: Path) -> None:
+    """Open ``path`` as the server's user does, so that a key readable by root alone stops the
+    start with one line (and not the fleet's first connection, after the server started)."""
+    if not path.is_file():
+        raise ConfigError(f"{option}: {path} is not a readable file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{option}: cannot read {path} ({error.strerror}): the server's "
+                          "user (mandos.service: _mandos) must be able to read it") from None
 
 
 def _time(value: Any) -> datetime.datetime | None:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from server.config import ConfigError, ServerSettings
 from server.fleet_store import FleetSettings, Record, Schema
+
+REPO = Path(__file__).resolve().parent.parent
 
 T0 = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
 LATER = T0 + datetime.timedelta(seconds=1)
@@ -83,3 +88,36 @@ def test_settings(tmp_path: Path) -> None:
 def test_bad_settings_are_one_line_errors(changes: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         FleetSettings.from_server(settings(**changes))
+
+
+#: Run as root without the capabilities that bypass file permissions: the settings with a
+#: client key that only its owner (not root) can read.
+UNREADABLE_KEY = """
+import dataclasses, sys
+from server.config import ConfigError, ServerSettings
+from server.fleet_store import FleetSettings
+try:
+    FleetSettings.from_server(dataclasses.replace(
+        ServerSettings(), etcd="10.0.0.1", etcd_cert=sys.argv[1], etcd_key=sys.argv[2]))
+except ConfigError as error:
+    print(error)
+"""
+
+
+@pytest.mark.peers  # root, to drop its capabilities
+def test_a_key_the_server_cannot_read_stops_the_start(tmp_path: Path) -> None:
+    """Checked as the server's user would read it: a key that user cannot read (an admin's
+    0600 root:root key when the service runs as _mandos) is one line at start-up, not a
+    failure later when the fleet first connects."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    key.chmod(0o600)
+    os.chown(key, 65534, 65534)  # nobody's, so that root without CAP_DAC_* cannot read it
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+         UNREADABLE_KEY, str(cert), str(key)],
+        capture_output=True, text=True, check=False, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout == (f"etcd_key: cannot read {key} (Permission denied): the server's "
+                             "user (mandos.service: _mandos) must be able to read it\n"), result
