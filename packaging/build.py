@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Build the Debian packages mandos-server and mandos-password-agent (``./dev package``).
+"""Build the Debian packages mandos-server, mandos-password-agent and mandos-server-etcd
+(``./dev package``).
 
 1. The Python packages that Debian 12 lacks or ships too old are downloaded from PyPI, pinned
-   with their sha256 (packaging/python/*.txt), and turned into wheels that hold only Python
-   files (sources built with ``SKIP_CYTHON=1``).  They are cached in build/packaging/ under a
-   hash of the pins, so only the first build needs the network.
+   with their sha256 (packaging/python/*.txt), and turned into wheels: for the two
+   Architecture: all packages, wheels that hold only Python files (sources built with
+   ``SKIP_CYTHON=1``); for mandos-server-etcd, grpcio's and protobuf's manylinux wheels as
+   published.  They are cached in build/packaging/ under a hash of the pins, so only the
+   first build needs the network.
 2. The source tree as git sees it (tracked files and new ones that are not ignored) is copied
    to a fresh directory, with packaging/debian/ as debian/ and the wheels in packaging/wheels;
    ``--version`` puts a changelog entry for that version on top.
