@@ -73,7 +73,7 @@ PROGRAMS = ("qemu-system-x86_64", "cpio", "apt-get", "dpkg-deb", "depmod", "fpin
             upstream.MANDOS_KEYGEN)
 UNITS = images.REPO / "units"
 CLIENT = "vmtest"
-TIMEOUT = 150.0
+TIMEOUT = 180.0
 SETTINGS = "/etc/mandos-vmtest/settings.json"
 #: The client's key set, where the agent's unit takes it (its ConditionFileNotEmpty= paths).
 KEYS = "/etc/keys/mandos"
