@@ -79,7 +79,9 @@ SERVER_FILES = ("/usr/bin/mandos-server", "/usr/bin/mandos-ctl",
                 "/usr/share/dbus-1/system.d/se.recompile.Mandos.conf",
                 "/usr/lib/systemd/catalog/mandos-catalog.catalog",
                 "/usr/lib/sysusers.d/mandos-server.conf", "/usr/lib/tmpfiles.d/mandos-server.conf",
-                "/usr/share/man/man8/mandos-server.8.gz", "/usr/share/man/man8/mandos-ctl.8.gz")
+                "/usr/share/man/man8/mandos-server.8.gz", "/usr/share/man/man8/mandos-ctl.8.gz",
+                "/usr/share/doc/mandos-server/examples/mandos-alerts.yml",
+                "/usr/share/doc/mandos-server/examples/mandos-dashboard.json")
 AGENT_FILES = ("/usr/bin/mandos-password-agent", "/usr/bin/mandos-keygen",
                "/usr/bin/mandos-luks",
                "/usr/lib/mandos-password-agent/password_agent/cli.py",
@@ -248,6 +250,10 @@ def check_installed(root: Root, build: Build) -> None:
     assert not missing
     for unit in ("mandos.service", "mandos.socket"):
         assert root.read(f"/lib/systemd/system/{unit}") == (REPO / "units" / unit).read_text()
+    # The Prometheus alerts and the Grafana dashboard for --metrics, as contrib/ has them.
+    for example in ("prometheus/mandos-alerts.yml", "grafana/mandos-dashboard.json"):
+        installed = f"/usr/share/doc/mandos-server/examples/{example.split('/')[1]}"
+        assert root.read(installed) == (REPO / "contrib" / example).read_text()
     # Byte-compiled by the postinst (py3compile), in the private directories only.
     assert root.exists("/usr/lib/mandos-server/server/__pycache__")
     assert root.exists("/usr/lib/mandos-password-agent/password_agent/__pycache__")
