@@ -5,7 +5,9 @@ error naming the file, the section and the key (exit status 1 at start-up)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from mandos_protocol.wire import DEFAULT_PRIORITY, EMPTY_KEY_ID
 from peers.ours import REPO, SERVER
-from server.config import ConfigError, load_clients, load_server_settings
+from server.config import SERVER_DEFAULTS, ConfigError, load_clients, load_server_settings
 
 KEY_A = "a" * 64
 KEY_B = "B" * 64
@@ -133,6 +135,25 @@ def test_server_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert settings.servicename == "Daena"
     assert settings.debug
     assert settings.statedir == Path("/srv/state")
+
+
+#: Options the packaged mandos.conf leaves out: the unit sets them (socket activation,
+#: ExecStart's --foreground), not the admin.
+NOT_IN_PACKAGED_CONF = {"socket", "foreground"}
+
+
+def test_packaged_conf_shows_every_option_with_its_default(tmp_path: Path) -> None:
+    """packaging/etc/mandos.conf says "the values shown are the defaults": with every
+    commented option uncommented, the settings are those of no file at all."""
+    shipped = (REPO / "packaging" / "etc" / "mandos.conf").read_text()
+    shown = {name for name in re.findall(r"(?m)^;(\w+) =", shipped)}
+    assert shown == set(SERVER_DEFAULTS) - NOT_IN_PACKAGED_CONF
+    none, uncommented = tmp_path / "none", tmp_path / "uncommented"
+    none.mkdir()
+    uncommented.mkdir()
+    (uncommented / "mandos.conf").write_text(re.sub(r"(?m)^;(\w+ =)", r"\1", shipped))
+    assert (dataclasses.replace(load_server_settings(uncommented, {}), configdir=none)
+            == load_server_settings(none, {}))
 
 
 @pytest.mark.parametrize(("conf", "where"), [
