@@ -15,7 +15,13 @@ import pytest
 
 from mandos_protocol.wire import DEFAULT_PRIORITY, EMPTY_KEY_ID
 from peers.ours import REPO, SERVER
-from server.config import SERVER_DEFAULTS, ConfigError, load_clients, load_server_settings
+from server.config import (
+    CLIENT_DEFAULTS,
+    SERVER_DEFAULTS,
+    ConfigError,
+    load_clients,
+    load_server_settings,
+)
 
 KEY_A = "a" * 64
 KEY_B = "B" * 64
@@ -135,6 +141,21 @@ def test_server_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert settings.servicename == "Daena"
     assert settings.debug
     assert settings.statedir == Path("/srv/state")
+
+
+def test_packaged_clients_conf_shows_every_default(tmp_path: Path) -> None:
+    """packaging/etc/clients.conf's [DEFAULT] shows every client default (host is each
+    client's own); with its commented options and its example client uncommented, that
+    client's settings are those of a file with the client alone."""
+    shipped = (REPO / "packaging" / "etc" / "clients.conf").read_text()
+    defaults, example = shipped.split("\n;[foo]", 1)
+    shown = set(re.findall(r"(?m)^;(\w+) =", defaults))
+    assert shown == set(CLIENT_DEFAULTS) - {"host"}
+    client = "[foo]\nkey_id = " + KEY_A + "\nsecret = " + SECRET + "\n"
+    alone = load_clients(write(tmp_path, client))
+    uncommented = re.sub(r"(?m)^;(\w+ =)", r"\1", defaults)
+    assert load_clients(write(tmp_path, f"{uncommented}\n{client}")) == alone
+    assert "secret =" in example and "secfile =" in example
 
 
 #: Options the packaged mandos.conf leaves out: the unit sets them (socket activation,
