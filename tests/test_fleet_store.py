@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from peers.ours import REPO
 from server.config import ConfigError, ServerSettings
 from server.fleet_store import FleetSettings, Record, Schema
-
-REPO = Path(__file__).resolve().parent.parent
 
 T0 = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
 LATER = T0 + datetime.timedelta(seconds=1)

@@ -143,18 +143,30 @@ def test_server_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert settings.statedir == Path("/srv/state")
 
 
+#: An option the packaged files show commented out: ";name = value".
+COMMENTED_OPTION = re.compile(r"(?m)^;(\w+) =")
+
+
+def commented_options(text: str) -> set[str]:
+    """The names of the options ``text`` shows commented out."""
+    return set(COMMENTED_OPTION.findall(text))
+
+
+def uncommented(text: str) -> str:
+    """``text`` with its commented-out options in force."""
+    return COMMENTED_OPTION.sub(r"\1 =", text)
+
+
 def test_packaged_clients_conf_shows_every_default(tmp_path: Path) -> None:
     """packaging/etc/clients.conf's [DEFAULT] shows every client default (host is each
     client's own); with its commented options and its example client uncommented, that
     client's settings are those of a file with the client alone."""
     shipped = (REPO / "packaging" / "etc" / "clients.conf").read_text()
     defaults, example = shipped.split("\n;[foo]", 1)
-    shown = set(re.findall(r"(?m)^;(\w+) =", defaults))
-    assert shown == set(CLIENT_DEFAULTS) - {"host"}
+    assert commented_options(defaults) == set(CLIENT_DEFAULTS) - {"host"}
     client = "[foo]\nkey_id = " + KEY_A + "\nsecret = " + SECRET + "\n"
     alone = load_clients(write(tmp_path, client))
-    uncommented = re.sub(r"(?m)^;(\w+ =)", r"\1", defaults)
-    assert load_clients(write(tmp_path, f"{uncommented}\n{client}")) == alone
+    assert load_clients(write(tmp_path, f"{uncommented(defaults)}\n{client}")) == alone
     assert "secret =" in example and "secfile =" in example
 
 
@@ -167,13 +179,12 @@ def test_packaged_conf_shows_every_option_with_its_default(tmp_path: Path) -> No
     """packaging/etc/mandos.conf says "the values shown are the defaults": with every
     commented option uncommented, the settings are those of no file at all."""
     shipped = (REPO / "packaging" / "etc" / "mandos.conf").read_text()
-    shown = {name for name in re.findall(r"(?m)^;(\w+) =", shipped)}
-    assert shown == set(SERVER_DEFAULTS) - NOT_IN_PACKAGED_CONF
-    none, uncommented = tmp_path / "none", tmp_path / "uncommented"
+    assert commented_options(shipped) == set(SERVER_DEFAULTS) - NOT_IN_PACKAGED_CONF
+    none, shown = tmp_path / "none", tmp_path / "shown"
     none.mkdir()
-    uncommented.mkdir()
-    (uncommented / "mandos.conf").write_text(re.sub(r"(?m)^;(\w+ =)", r"\1", shipped))
-    assert (dataclasses.replace(load_server_settings(uncommented, {}), configdir=none)
+    shown.mkdir()
+    (shown / "mandos.conf").write_text(uncommented(shipped))
+    assert (dataclasses.replace(load_server_settings(shown, {}), configdir=none)
             == load_server_settings(none, {}))
 
 
